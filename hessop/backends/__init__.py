@@ -1,0 +1,118 @@
+"""The backend registry: find the backend for a name or for an array.
+
+Backends are loaded lazily, so ``import hessop`` needs neither torch nor JAX; asking for a
+backend whose framework is missing raises :class:`~hessop.BackendNotAvailableError` naming
+the extra to install.
+
+Examples
+--------
+>>> import numpy as np
+>>> from hessop.backends import get_backend
+>>> get_backend(np.zeros(3)).name
+'numpy'
+>>> get_backend("numpy").name
+'numpy'
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from .._errors import BackendNotAvailableError, unknown
+from ._base import Backend
+
+__all__ = ["Backend", "get_backend", "register_backend", "available_backends", "infer_backend"]
+
+# name -> (module path or loader, predicate telling whether an array belongs to it, extra)
+_REGISTRY: dict[str, tuple[str | Callable[[], Backend], Callable[[Any], bool], str]] = {}
+_LOADED: dict[str, Backend] = {}
+
+
+def _module_is(*prefixes: str) -> Callable[[Any], bool]:
+    # Look at the type's module instead of importing the framework: detection must work
+    # (and stay cheap) when the framework is not installed.
+    def detect(x: Any) -> bool:
+        mod = type(x).__module__ or ""
+        return mod.split(".")[0] in prefixes
+
+    return detect
+
+
+def register_backend(
+    name: str,
+    loader: str | Callable[[], Backend],
+    detect: Callable[[Any], bool],
+    extra: str | None = None,
+) -> None:
+    """Register a backend.
+
+    Parameters
+    ----------
+    name : str
+        The name users pass as ``backend=``.
+    loader : str or callable
+        A module path holding a ``BACKEND`` attribute, or a callable returning the
+        :class:`Backend`. Called on first use only.
+    detect : callable
+        ``detect(x) -> bool``: whether array ``x`` belongs to this framework. Must not
+        import the framework.
+    extra : str, optional
+        The pip extra that installs the framework, quoted in error messages.
+    """
+    _REGISTRY[name] = (loader, detect, extra or name)
+    _LOADED.pop(name, None)
+
+
+register_backend("numpy", "hessop.backends._numpy", _module_is("numpy"), extra="")
+register_backend("torch", "hessop.backends._torch", _module_is("torch"), extra="torch")
+register_backend("jax", "hessop.backends._jax", _module_is("jax", "jaxlib"), extra="jax")
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends (installed or not)."""
+    return list(_REGISTRY)
+
+
+def _load(name: str) -> Backend:
+    if name in _LOADED:
+        return _LOADED[name]
+    if name not in _REGISTRY:
+        raise unknown("backend", name, available_backends())
+    loader, _, extra = _REGISTRY[name]
+    try:
+        if callable(loader):
+            backend = loader()
+        else:
+            backend = importlib.import_module(loader).BACKEND
+    except ImportError as err:
+        raise BackendNotAvailableError(
+            f"the {name!r} backend needs {name}, which is not installed ({err}); "
+            f"install it with: pip install 'hessop[{extra}]'"
+        ) from err
+    _LOADED[name] = backend
+    return backend
+
+
+def infer_backend(x: Any) -> str | None:
+    """The registered backend name that owns array ``x``, or None."""
+    for name, (_, detect, _) in _REGISTRY.items():
+        if detect(x):
+            return name
+    return None
+
+
+def get_backend(name_or_array: Any) -> Backend:
+    """Return the backend for a name (``"torch"``, ``"jax"``, ``"numpy"``) or an array."""
+    if isinstance(name_or_array, Backend):
+        return name_or_array
+    if isinstance(name_or_array, str):
+        return _load(name_or_array)
+    name = infer_backend(name_or_array)
+    if name is None:
+        raise TypeError(
+            f"cannot tell the framework of {type(name_or_array).__name__}; pass a numpy, "
+            "torch or JAX array, or name the backend explicitly"
+        )
+    return _load(name)

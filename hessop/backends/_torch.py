@@ -1,0 +1,280 @@
+"""The PyTorch backend: HVPs by torch.autograd and torch.func.
+
+Modes
+-----
+* reverse-over-reverse (``auto``): the gradient is computed once with ``create_graph=True``
+  and that graph is differentiated again for every product (one backward pass each), so a
+  second product costs about one gradient less than the first. ``cache=False`` rebuilds
+  the graph per product instead, freeing it in between.
+* forward-over-reverse: ``torch.func.jvp`` of ``torch.func.grad``.
+* reverse-over-forward: ``torch.func.grad`` of ``torch.func.jvp``.
+* dense: ``torch.func.hessian`` once, then matrix products.
+* finite-difference: central differences of two gradients.
+
+Every computation runs with gradients enabled, the math attention kernel and the
+multi-head-attention fast path off (the fused kernels have no forward-mode or
+double-backward derivatives); the user's settings are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import array_api_compat.torch as xp_torch
+import numpy as np
+import torch
+
+from .._errors import ForwardModeUnsupportedError
+from .._hessian import HessianOperator, Problem
+from ._base import Backend
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+    "bool": torch.bool,
+}
+
+
+@contextlib.contextmanager
+def autodiff_context() -> Iterator[None]:
+    """Grad mode on, math SDPA kernel, MHA fast path off; all restored on exit."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _forward_mode_error(err: Exception, mode: str) -> Exception:
+    msg = str(err)
+    if not re.search(r"forward AD|forward-mode|forward mode|jvp", msg, re.IGNORECASE):
+        return err
+    return ForwardModeUnsupportedError(
+        f"mode={mode!r} needs forward-mode AD, which an operation in the loss does not "
+        f"support ({msg.strip().splitlines()[0]}); use mode='reverse-over-reverse' "
+        "(or mode='auto', which uses it)"
+    )
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    xp = xp_torch
+    differentiable = True
+
+    def owns(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(dtype=dtype or x.dtype, device=device or x.device)
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            x = x.copy()  # torch warns on read-only buffers (e.g. from JAX)
+        return torch.as_tensor(x, dtype=self.dtype(dtype) if dtype is not None else None,
+                               device=device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    def device_of(self, x: Any) -> Any:
+        return x.device
+
+    def default_device(self) -> Any:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def resolve_device(self, device: Any) -> Any:
+        return torch.device(device)
+
+    def dtype(self, dtype: Any) -> Any:
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+        try:
+            return _DTYPES[name]
+        except KeyError:
+            raise TypeError(f"unsupported dtype {dtype!r} for torch") from None
+
+    def stop_gradient(self, x: Any) -> Any:
+        return x.detach()
+
+    def hessian_operator(self, problem: Problem, mode: str, **options: Any) -> HessianOperator:
+        return TorchHessianOperator(problem, mode, self, **options)
+
+
+BACKEND = TorchBackend()
+
+
+class TorchHessianOperator(HessianOperator):
+    """Hessian operator computed with PyTorch (see the module docstring for the modes)."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        mode: str,
+        backend: TorchBackend,
+        device: Any,
+        cache: bool | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        if mode == "auto":
+            mode = "reverse-over-reverse"
+        super().__init__(problem, mode, backend, device)
+        self.cache = (not problem.streamed) if cache is None else bool(cache)
+        self.chunk_size = chunk_size
+        self._graph: tuple[list[Any], list[Any], list[int]] | None = None
+        self._dense: dict[int, Any] = {}
+
+    # --- helpers ------------------------------------------------------------------------
+    def _leaves_v(self, v: Any) -> list[Any]:
+        """Split a flat vector (or (d, k) matrix, batch last) into parameter-shaped leaves."""
+        out, start = [], 0
+        for shape, n in zip(self.problem.spec.shapes, self.problem.spec.sizes):
+            piece = v[start : start + n]
+            out.append(piece.reshape(shape) if v.ndim == 1 else piece.T.reshape(-1, *shape))
+            start += n
+        return out
+
+    @staticmethod
+    def _flat(leaves: list[Any], batched: bool = False) -> Any:
+        if batched:  # leaves of shape (k, *shape) -> (d, k)
+            return torch.cat([x.reshape(x.shape[0], -1) for x in leaves], dim=1).T
+        return torch.cat([x.reshape(-1) for x in leaves])
+
+    def _loss_fn(self, args: tuple[Any, ...]):
+        def loss(*leaves: Any) -> Any:
+            return self.problem.loss(list(leaves), args)
+
+        return loss
+
+    def _grad_graph(self, args: tuple[Any, ...]) -> tuple[list[Any], list[Any], list[int]]:
+        """Leaves requiring grad, the gradient with its graph, and the leaves it depends on."""
+        leaves = [x.detach().requires_grad_(True) for x in self.problem.leaves]
+        loss = self._loss_fn(args)(*leaves)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        # A gradient entry that does not depend on the parameters (the loss is linear in
+        # that leaf) contributes a zero block; keep only the ones with a graph.
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return leaves, [grads[i] for i in live], live
+
+    def _backward(self, graph, vs: list[Any], batched: bool, retain: bool) -> list[Any]:
+        leaves, grads, live = graph
+        if not live:
+            return [torch.zeros_like(v) for v in vs]
+        out = torch.autograd.grad(
+            grads,
+            leaves,
+            grad_outputs=[vs[i] for i in live],
+            retain_graph=retain,
+            allow_unused=True,
+            materialize_grads=True,
+            is_grads_batched=batched,
+        )
+        return list(out)
+
+    # --- per-batch products -------------------------------------------------------------
+    def _batch_hvp(self, args: tuple[Any, ...], v: Any) -> Any:
+        return self._product(args, v, batched=False)
+
+    def _batch_hmm(self, args: tuple[Any, ...], V: Any) -> Any:
+        step = self.chunk_size or V.shape[1]
+        cols = [self._product(args, V[:, j : j + step], batched=True)
+                for j in range(0, V.shape[1], step)]
+        return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+
+    def _product(self, args: tuple[Any, ...], v: Any, batched: bool) -> Any:
+        vs = self._leaves_v(v)
+        with autodiff_context():
+            if self.mode == "reverse-over-reverse":
+                if self.cache and not self.problem.streamed:
+                    if self._graph is None:
+                        self._graph = self._grad_graph(args)
+                    out = self._backward(self._graph, vs, batched, retain=True)
+                else:
+                    out = self._backward(self._grad_graph(args), vs, batched, retain=False)
+                return self._flat(out, batched)
+            if self.mode in ("forward-over-reverse", "reverse-over-forward"):
+                try:
+                    return self._functorch_product(args, vs, batched)
+                except (RuntimeError, NotImplementedError) as err:
+                    raise _forward_mode_error(err, self.mode) from err
+            if self.mode == "dense":
+                return self._dense_matrix(args) @ v
+            if self.mode == "finite-difference":
+                return self._fd_product(args, v, batched)
+        raise AssertionError(self.mode)
+
+    def _functorch_product(self, args: tuple[Any, ...], vs: list[Any], batched: bool) -> Any:
+        from torch.func import grad, jvp, vmap
+
+        loss = self._loss_fn(args)
+        primals = tuple(self.problem.leaves)
+        argnums = tuple(range(len(primals)))
+        if self.mode == "forward-over-reverse":
+            g = grad(loss, argnums=argnums)
+
+            def hvp(*tangents: Any) -> Any:
+                return jvp(g, primals, tangents)[1]
+        else:
+
+            def hvp(*tangents: Any) -> Any:
+                def directional(*p: Any) -> Any:
+                    return jvp(loss, p, tangents)[1]
+
+                return grad(directional, argnums=argnums)(*primals)
+
+        if batched:
+            return self._flat(list(vmap(hvp)(*vs)), batched=True)
+        return self._flat(list(hvp(*vs)))
+
+    def _dense_matrix(self, args: tuple[Any, ...]) -> Any:
+        key = id(args) if self.problem.streamed else 0
+        if key not in self._dense:
+            loss = self._loss_fn(args)
+
+            def flat_loss(w: Any) -> Any:
+                return loss(*self._leaves_v(w))
+
+            w = self._flat(self.problem.leaves)
+            H = torch.func.hessian(flat_loss)(w).detach()
+            if self.problem.streamed:
+                return H  # never keep one matrix per batch
+            self._dense[key] = H
+        return self._dense[key]
+
+    def _gradient(self, args: tuple[Any, ...], leaves: list[Any]) -> Any:
+        leaves = [x.detach().requires_grad_(True) for x in leaves]
+        loss = self._loss_fn(args)(*leaves)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        return loss.detach(), self._flat(list(grads))
+
+    def _fd_product(self, args: tuple[Any, ...], v: Any, batched: bool) -> Any:
+        if batched:
+            return torch.stack([self._fd_product(args, v[:, j], False)
+                                for j in range(v.shape[1])], dim=1)
+        w = self._flat(self.problem.leaves)
+        vnorm = torch.linalg.vector_norm(v)
+        if vnorm == 0:
+            return torch.zeros_like(v)
+        # Central differences: error O(h^2) from truncation vs O(eps/h) from rounding; the
+        # balance is at h ~ eps^(1/3), scaled to the size of the point.
+        h = self._bk.eps(self.dtype) ** (1 / 3) * max(1.0, float(torch.linalg.vector_norm(w)))
+        h = h / float(vnorm)
+        plus = self._gradient(args, self._leaves_v(w + h * v))[1]
+        minus = self._gradient(args, self._leaves_v(w - h * v))[1]
+        return (plus - minus) / (2 * h)
+
+    def _batch_grad(self, args: tuple[Any, ...]) -> tuple[Any, Any]:
+        with autodiff_context():
+            return self._gradient(args, self.problem.leaves)
