@@ -359,8 +359,14 @@ def hessian(
         return tuple(map_arrays(lambda x: _convert_arg(bk, x, native_dtype, dev), batch_args))
 
     problem = Problem(
-        f, spec, leaves, convert(args) if data is None else None, data, reduction,
-        batch_size, convert,
+        f,
+        spec,
+        leaves,
+        convert(args) if data is None else None,
+        data,
+        reduction,
+        batch_size,
+        convert,
     )
     return bk.hessian_operator(problem, mode, device=dev, cache=cache, chunk_size=chunk_size)
 
@@ -373,8 +379,7 @@ def _resolve_dtype(bk: Backend, leaves: list[Any], dtype: Any) -> Any:
     names = {str(getattr(x, "dtype", "float64")).replace("torch.", "") for x in leaves}
     if len(names) > 1:
         raise DTypeError(
-            f"the parameter leaves have different dtypes {sorted(names)}; pass dtype= to "
-            "choose one"
+            f"the parameter leaves have different dtypes {sorted(names)}; pass dtype= to choose one"
         )
     return bk.dtype(names.pop())
 

@@ -257,9 +257,7 @@ class LinearOperator:
                 "build both in one framework"
             )
         if self.device != other.device:
-            raise ShapeError(
-                f"cannot {how} operators on devices {self.device} and {other.device}"
-            )
+            raise ShapeError(f"cannot {how} operators on devices {self.device} and {other.device}")
 
     def __repr__(self) -> str:
         n, m = self.shape
@@ -508,9 +506,7 @@ def aslinearoperator(
             raise ShapeError("aslinearoperator(callable) needs shape=(n, m)")
         bk = get_backend(backend or "numpy")
         dev = bk.resolve_device(device) if device is not None else bk.default_device()
-        return CallableOperator(
-            x, shape, dtype or "float64", bk, dev, symmetric=bool(symmetric)
-        )
+        return CallableOperator(x, shape, dtype or "float64", bk, dev, symmetric=bool(symmetric))
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return DenseOperator(x, symmetric)
     if isinstance(x, (list, tuple)):

@@ -82,8 +82,9 @@ class TorchBackend(Backend):
             return x.to(dtype=dtype or x.dtype, device=device or x.device)
         if isinstance(x, np.ndarray) and not x.flags.writeable:
             x = x.copy()  # torch warns on read-only buffers (e.g. from JAX)
-        return torch.as_tensor(x, dtype=self.dtype(dtype) if dtype is not None else None,
-                               device=device)
+        return torch.as_tensor(
+            x, dtype=self.dtype(dtype) if dtype is not None else None, device=device
+        )
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return x.detach().cpu().numpy()
@@ -189,8 +190,10 @@ class TorchHessianOperator(HessianOperator):
 
     def _batch_hmm(self, args: tuple[Any, ...], V: Any) -> Any:
         step = self.chunk_size or V.shape[1]
-        cols = [self._product(args, V[:, j : j + step], batched=True)
-                for j in range(0, V.shape[1], step)]
+        cols = [
+            self._product(args, V[:, j : j + step], batched=True)
+            for j in range(0, V.shape[1], step)
+        ]
         return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
     def _product(self, args: tuple[Any, ...], v: Any, batched: bool) -> Any:
@@ -261,8 +264,9 @@ class TorchHessianOperator(HessianOperator):
 
     def _fd_product(self, args: tuple[Any, ...], v: Any, batched: bool) -> Any:
         if batched:
-            return torch.stack([self._fd_product(args, v[:, j], False)
-                                for j in range(v.shape[1])], dim=1)
+            return torch.stack(
+                [self._fd_product(args, v[:, j], False) for j in range(v.shape[1])], dim=1
+            )
         w = self._flat(self.problem.leaves)
         vnorm = torch.linalg.vector_norm(v)
         if vnorm == 0:
