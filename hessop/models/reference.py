@@ -339,6 +339,11 @@ def _torch_classes() -> dict[str, type]:
             "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
         }[name]
 
+    def _normal(shape: tuple[int, int]) -> torch.Tensor:
+        # Default init for direct construction; a no-op (and no import) on the meta device.
+        w = torch.empty(shape)
+        return w if w.is_meta else w.normal_()
+
     class TorchMLP(nn.Module):
         """Fully connected network; the activation is applied between linear layers."""
 
@@ -455,10 +460,13 @@ def _torch_classes() -> dict[str, type]:
         ):
             super().__init__()
             self.seq_len = seq_len
-            self.embed = nn.Embedding(vocab_size, d_model)
+            # Passing _weight skips nn.Embedding's normal_ init: on the meta device that goes
+            # through torch._refs and imports torch._dynamo (seconds), and the weights are
+            # overwritten anyway (torch_model) or drawn below.
+            self.embed = nn.Embedding(vocab_size, d_model, _weight=_normal((vocab_size, d_model)))
             # An Embedding rather than a bare Parameter keeps named_parameters() in
             # registration order (a module's own parameters are listed before its children).
-            self.pos_embed = nn.Embedding(seq_len, d_model)
+            self.pos_embed = nn.Embedding(seq_len, d_model, _weight=_normal((seq_len, d_model)))
             self.layers = nn.ModuleList(
                 _EncoderLayer(d_model, num_heads, d_ff or 4 * d_model, activation, eps)
                 for _ in range(num_layers)
@@ -637,7 +645,8 @@ class ReferenceSpec:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 v = values[name]
-                v = v.detach() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+                # np.array copies: JAX arrays view as read-only numpy arrays.
+                v = v.detach() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
                 if tuple(v.shape) != tuple(p.shape):
                     raise ValueError(
                         f"params[{name!r}] has shape {tuple(v.shape)}, expected {tuple(p.shape)}."
@@ -718,11 +727,11 @@ class ReferenceSpec:
         Examples
         --------
         >>> from hessop.models.reference import get_reference
-        >>> spec = get_reference("cnn", image_size=6, channels=4)
+        >>> spec = get_reference("mlp", sizes=(6, 8, 3))
         >>> params = spec.jax_params(seed=0, dtype="float32")
         >>> x, _ = spec.make_batch(2, framework="jax", dtype="float32")
         >>> spec.jax_apply(params, x).shape
-        (2, 10)
+        (2, 3)
         """
         return _JAX_FORWARD[self.name](self.config, params, x)
 
