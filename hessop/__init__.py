@@ -11,15 +11,18 @@ tensor([12., 48.], dtype=torch.float64)
 from ._errors import (
     BackendNotAvailableError,
     DeviceError,
+    DistributedError,
     DTypeError,
     EmptyDataError,
     ForwardModeUnsupportedError,
     HessopError,
     LossError,
+    RandomnessError,
     ShapeError,
     UnknownOptionError,
 )
 from ._hessian import MODES, HessianOperator, hessian
+from ._hvp import hvp
 from ._operator import (
     CallableOperator,
     DenseOperator,
@@ -27,29 +30,86 @@ from ._operator import (
     LinearOperator,
     aslinearoperator,
 )
+from .algorithms import (
+    CGResult,
+    DiagonalResult,
+    EigshResult,
+    InverseHVPResult,
+    LanczosResult,
+    PowerIterationResult,
+    SpectralDensity,
+    TraceResult,
+    cg,
+    diagonal,
+    eigsh,
+    inverse_hvp,
+    lanczos,
+    plot_spectral_density,
+    power_iteration,
+    spectral_density,
+    trace,
+)
 from .backends import available_backends, get_backend, register_backend
+from .models._api import model_hessian, model_hvp
+from .models._curvature import CurvatureOperator
+from .models.fisher import FisherOperator, model_fisher
+from .models.ggn import GGNOperator, model_ggn
+from .per_sample import jacobian, per_sample_gradients, per_sample_hessians
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODES",
+    # algorithms
+    "CGResult",
+    "DiagonalResult",
+    "EigshResult",
+    "InverseHVPResult",
+    "LanczosResult",
+    "PowerIterationResult",
+    "SpectralDensity",
+    "TraceResult",
+    "cg",
+    "diagonal",
+    "eigsh",
+    "inverse_hvp",
+    "lanczos",
+    "plot_spectral_density",
+    "power_iteration",
+    "spectral_density",
+    "trace",
+    # per-sample quantities and functional derivatives
+    "hvp",
+    "jacobian",
+    "per_sample_gradients",
+    "per_sample_hessians",
+    # core
     "BackendNotAvailableError",
     "CallableOperator",
+    "CurvatureOperator",
     "DTypeError",
     "DenseOperator",
     "DeviceError",
+    "DistributedError",
     "EmptyDataError",
+    "FisherOperator",
     "ForwardModeUnsupportedError",
+    "GGNOperator",
     "HessianOperator",
     "HessopError",
     "IdentityOperator",
     "LinearOperator",
     "LossError",
+    "RandomnessError",
     "ShapeError",
     "UnknownOptionError",
     "aslinearoperator",
     "available_backends",
     "get_backend",
     "hessian",
+    "model_fisher",
+    "model_ggn",
+    "model_hessian",
+    "model_hvp",
     "register_backend",
 ]

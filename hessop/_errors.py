@@ -39,6 +39,14 @@ class EmptyDataError(HessopError, ValueError):
     """``data=`` yielded no batch."""
 
 
+class RandomnessError(HessopError, ValueError):
+    """The loss draws random numbers (dropout in training mode), so it has no Hessian."""
+
+
+class DistributedError(HessopError, RuntimeError):
+    """``distributed=True`` without a usable process group, or ranks that disagree."""
+
+
 def unknown(kind: str, value: object, valid: list[str] | tuple[str, ...]) -> UnknownOptionError:
     """Build the error for an unknown option, listing the valid choices."""
     choices = ", ".join(repr(v) for v in valid)

@@ -51,6 +51,8 @@ class Problem:
     Built by :func:`hessian`; backends read it. ``leaves`` are the parameter leaves as
     native arrays (detached, on the operator's device, in the operator's dtype);
     ``batches()`` yields ``(args, weight)`` pairs whose weights are the batch sizes.
+    ``reducer`` (a :class:`hessop.distributed.Reducer`, or None for one process) combines
+    this process's share of each product with the other processes' shares.
     """
 
     def __init__(
@@ -63,10 +65,12 @@ class Problem:
         reduction: str,
         batch_size: Callable[[tuple[Any, ...]], int] | None,
         convert: Callable[[Any], Any],
+        reducer: Any = None,
     ) -> None:
         self.f, self.spec, self.leaves = f, spec, leaves
         self.args, self.data, self.reduction = args, data, reduction
         self._batch_size, self._convert = batch_size, convert
+        self.reducer = reducer
 
     @property
     def streamed(self) -> bool:
@@ -80,9 +84,10 @@ class Problem:
         empty = True
         for item in self.data:
             empty = False
-            args = self._convert(item if isinstance(item, tuple) else (item,))
+            # DataLoader's default collate turns a (x, y) sample into a [x, y] list.
+            args = self._convert(tuple(item) if isinstance(item, (tuple, list)) else (item,))
             yield args, self.size_of(args)
-        if empty:
+        if empty and self.reducer is None:  # a reducer decides whether all ranks are empty
             raise EmptyDataError("data= yielded no batch; pass a non-empty iterable of batches")
 
     def size_of(self, args: tuple[Any, ...]) -> int:
@@ -109,6 +114,13 @@ class Problem:
                 f"the loss must return a scalar, but it returned shape {shape}; "
                 "reduce it with .mean() or .sum() (for per-sample quantities see "
                 "hessop.per_sample_hessians)"
+            )
+        if isinstance(out, complex) or "complex" in str(getattr(out, "dtype", "")):
+            from ._errors import LossError
+
+            raise LossError(
+                "the loss must return a real scalar, but it returned a complex one; "
+                "return its real part or its absolute value (e.g. abs(z) ** 2)"
             )
         return out
 
@@ -147,8 +159,6 @@ class HessianOperator(LinearOperator):
     ----------
     mode : str
         The automatic-differentiation mode in use (the one ``"auto"`` chose).
-    params :
-        The point, as a pytree shaped like the ``params`` given to :func:`hessian`.
     """
 
     def __init__(self, problem: Problem, mode: str, backend: Backend, device: Any) -> None:
@@ -168,7 +178,12 @@ class HessianOperator(LinearOperator):
         raise NotImplementedError
 
     # --- dataset reduction --------------------------------------------------------------
-    def _reduce(self, per_batch: Callable[[tuple[Any, ...]], Any]) -> Any:
+    def _reduce(
+        self,
+        per_batch: Callable[[tuple[Any, ...]], Any],
+        zero: Callable[[], Any] | None = None,
+    ) -> Any:
+        # ``zero()`` is the result for a process with no local batch (distributed only).
         total, acc = 0, None
         for args, n in self.problem.batches():
             y = per_batch(args)
@@ -176,15 +191,21 @@ class HessianOperator(LinearOperator):
                 y = _scale(y, n)
             acc = y if acc is None else _add(acc, y)
             total += n
+        if self.problem.reducer is not None:  # the other processes' shares (distributed.py)
+            acc, total = self.problem.reducer.reduce(acc, total, zero)
         if self.problem.streamed and self.problem.reduction == "mean":
             acc = _scale(acc, 1.0 / total)
         return acc
 
     def _matvec(self, v: Any) -> Any:
-        return self._reduce(lambda args: self._batch_hvp(args, v))
+        if self.problem.reducer is not None:
+            v = self.problem.reducer.replicate(v)
+        return self._reduce(lambda args: self._batch_hvp(args, v), lambda: self.xp.zeros_like(v))
 
     def _matmat(self, V: Any) -> Any:
-        return self._reduce(lambda args: self._batch_hmm(args, V))
+        if self.problem.reducer is not None:
+            V = self.problem.reducer.replicate(V)
+        return self._reduce(lambda args: self._batch_hmm(args, V), lambda: self.xp.zeros_like(V))
 
     # --- extras -------------------------------------------------------------------------
     @property
@@ -194,7 +215,11 @@ class HessianOperator(LinearOperator):
 
     def loss_and_gradient(self) -> tuple[Any, Any]:
         """The loss (0-d array) and its flat gradient at the point (over all the data)."""
-        return self._reduce(lambda args: self._batch_grad(args))
+        xp, kw = self.xp, {"dtype": self.dtype, **self._device_kw()}
+        return self._reduce(
+            lambda args: self._batch_grad(args),
+            lambda: (xp.zeros((), **kw), xp.zeros(self.shape[0], **kw)),
+        )
 
     def gradient(self) -> Any:
         """The flat gradient of the loss at the point (over all the data)."""
@@ -265,6 +290,9 @@ def hessian(
     batch_size: Callable[[tuple[Any, ...]], int] | None = None,
     cache: bool | None = None,
     chunk_size: int | None = None,
+    distributed: bool = False,
+    process_group: Any = None,
+    differentiable: bool = False,
 ) -> HessianOperator:
     """The Hessian of ``f(params, *args)`` with respect to ``params``, as an operator.
 
@@ -306,6 +334,26 @@ def hessian(
         ``data=`` (which would otherwise keep every batch's graph in memory).
     chunk_size : int, optional
         Columns per batched call in ``matmat`` (bounds memory); default all at once.
+    distributed : bool
+        Data parallelism (see :mod:`hessop.distributed` and ``docs/distributed.md``):
+        ``data=`` (or ``*args``, then one batch) is this process's share, and the operator,
+        built on every process with the same ``params``, is the Hessian over the union of
+        all shares, each batch weighted by its size. torch: one all-reduce per product over
+        ``process_group``; shards may be uneven or empty. JAX: each batch is sharded over a
+        device mesh and XLA reduces; batch sizes must divide by the local device count.
+    process_group : optional
+        torch: a ``torch.distributed`` process group (default the world, which must be
+        initialized). JAX: a :class:`jax.sharding.Mesh` (default all of ``jax.devices()``).
+    differentiable : bool
+        Keep products (and :meth:`~HessianOperator.loss_and_gradient`) differentiable with
+        respect to the arrays in ``*args`` and those ``f`` closes over, so that ``v @ (H @
+        v)`` can sit inside a training loss (Hutchinson trace penalties, sliced score
+        matching; see :func:`hessop.hvp` for a one-shot, fully differentiable product).
+        torch: products keep their autograd graph (``create_graph=True``) and ``cache``
+        defaults to off, so each product owns its graph and can be backpropagated once.
+        JAX: products are always differentiable with respect to ``*args`` (the operator can
+        be built inside ``jax.grad`` / ``jax.jit``); the flag changes nothing. In both, the
+        point ``params`` itself is a constant: no gradient flows to it.
 
     Examples
     --------
@@ -323,6 +371,10 @@ def hessian(
     mode = canonical_mode(mode)
     if reduction not in REDUCTIONS:
         raise unknown("reduction", reduction, REDUCTIONS)
+    if process_group is not None and not distributed:
+        raise TypeError("process_group= is used only with distributed=True; pass both")
+    if distributed and data is None:
+        data, args = [args], ()  # this process's arguments are its one local batch
     if data is not None:
         if args:
             raise TypeError("pass either *args or data=, not both")
@@ -332,7 +384,7 @@ def hessian(
                 "product streams it again, and a one-shot iterator or generator would be "
                 "exhausted after the first; wrap it with list(...) if it fits in memory"
             )
-        if hasattr(data, "__len__") and len(data) == 0:
+        if hasattr(data, "__len__") and len(data) == 0 and not distributed:
             raise EmptyDataError("data= is empty; pass at least one batch")
     leaves, spec = _pytree.flatten(params)
     name = backend if backend is not None else _infer_backend_name(leaves, args)
@@ -354,8 +406,21 @@ def hessian(
             bk.check_device(x, dev, f"parameter leaf {i}")
     native_dtype = _resolve_dtype(bk, leaves, dtype)
     leaves = [bk.stop_gradient(bk.asarray(x, dtype=native_dtype, device=dev)) for x in leaves]
+    arg_arrays: list[Any] = []
+    _collect_arrays(args, arg_arrays)
+    for x in arg_arrays:  # fail here, not deep inside the first product
+        if bk.owns(x):
+            bk.check_device(x, dev, "an argument of the loss")
+    reducer = None
+    if distributed:
+        from .distributed import make_reducer
+
+        reducer = make_reducer(bk.name, process_group)
+        leaves, dev = reducer.prepare(leaves, dev)
 
     def convert(batch_args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if reducer is not None:
+            batch_args = reducer.shard_batch(batch_args, native_dtype)
         return tuple(map_arrays(lambda x: _convert_arg(bk, x, native_dtype, dev), batch_args))
 
     problem = Problem(
@@ -367,8 +432,12 @@ def hessian(
         reduction,
         batch_size,
         convert,
+        reducer=reducer,
     )
-    return bk.hessian_operator(problem, mode, device=dev, cache=cache, chunk_size=chunk_size)
+    options = {"differentiable": True} if differentiable else {}  # only torch needs it
+    return bk.hessian_operator(
+        problem, mode, device=dev, cache=cache, chunk_size=chunk_size, **options
+    )
 
 
 def _resolve_dtype(bk: Backend, leaves: list[Any], dtype: Any) -> Any:
@@ -387,9 +456,17 @@ def _resolve_dtype(bk: Backend, leaves: list[Any], dtype: Any) -> Any:
 def _convert_arg(bk: Backend, x: Any, dtype: Any, device: Any) -> Any:
     if bk.owns(x):
         return x
-    if infer_backend(x) == "numpy":
+    name = infer_backend(x)
+    if name == "numpy":
         import numpy as np
 
         kind = np.asarray(x).dtype.kind
         return bk.asarray(x, dtype=dtype if kind == "f" else None, device=device)
+    if name is not None and name != bk.name:
+        # Silently converting across frameworks would copy (and maybe move) every batch.
+        raise TypeError(
+            f"an argument of the loss is a {name} array but the operator uses {bk.name}; "
+            f"pass {bk.name} or numpy arrays (for a torch DataLoader feeding JAX, convert "
+            "each batch to numpy)"
+        )
     return x

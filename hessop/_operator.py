@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import DTypeError, ShapeError
+from ._errors import DeviceError, DTypeError, ShapeError
 from .backends import Backend, get_backend
 
 
@@ -75,7 +75,11 @@ class LinearOperator:
     def _rmatvec(self, v: Any) -> Any:
         if self.symmetric:
             return self._matvec(v)
-        raise NotImplementedError(f"{type(self).__name__} does not implement rmatvec")
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement rmatvec (needed by A.T and v @ A); "
+            "give one (hessop.CallableOperator(..., rmatvec=...)), or declare "
+            "symmetric=True if the operator is symmetric"
+        )
 
     def _rmatmat(self, V: Any) -> Any:
         if self.symmetric:
@@ -190,7 +194,7 @@ class LinearOperator:
         --------
         >>> import numpy as np, hessop, scipy.sparse.linalg as spla
         >>> A = hessop.aslinearoperator(np.diag([1.0, 2.0, 3.0]))
-        >>> float(spla.eigsh(A.to_scipy(), k=1)[0][0])
+        >>> round(float(spla.eigsh(A.to_scipy(), k=1)[0][0]), 8)  # ARPACK: random start
         3.0
         """
         import scipy.sparse.linalg as spla
@@ -202,6 +206,8 @@ class LinearOperator:
                 x = np.asarray(x)
                 if np.iscomplexobj(x):  # scipy probes with complex vectors in some solvers
                     return wrap(fn)(x.real) + 1j * wrap(fn)(x.imag)
+                if fn in (self.matvec, self.rmatvec):  # scipy also passes (n, 1) columns
+                    x = x.reshape(-1)
                 y = fn(bk.asarray(x, dtype=self.dtype, device=dev))
                 return bk.to_numpy(y)
 
@@ -257,7 +263,10 @@ class LinearOperator:
                 "build both in one framework"
             )
         if self.device != other.device:
-            raise ShapeError(f"cannot {how} operators on devices {self.device} and {other.device}")
+            raise DeviceError(
+                f"cannot {how} operators on devices {self.device} and {other.device}; "
+                "build both on one device"
+            )
 
     def __repr__(self) -> str:
         n, m = self.shape

@@ -20,6 +20,9 @@ instead of silently computing in float32.
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -43,8 +46,16 @@ class JaxBackend(Backend):
     def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Any:
         if dtype is not None:
             dtype = self.dtype(dtype)
-        arr = jnp.asarray(x, dtype=dtype)
-        return jax.device_put(arr, device) if device is not None else arr
+        if isinstance(x, jax.Array) and (dtype is None or x.dtype == dtype):
+            arr = x  # immutable: neither a conversion nor a copy is needed
+        elif isinstance(x, np.ndarray):
+            # A copy: on CPU jnp.asarray may alias a numpy array that the caller can mutate.
+            arr = jnp.array(x, dtype=dtype, copy=True)
+        else:
+            arr = jnp.asarray(x, dtype=dtype)
+        if device is None or (isinstance(device, jax.Device) and _only_on(arr, device)):
+            return arr  # already there: skip device_put, which costs ~0.1 ms per leaf
+        return jax.device_put(arr, device)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
@@ -54,6 +65,18 @@ class JaxBackend(Backend):
             return x.device
         except (AttributeError, ValueError):  # sharded over several devices
             return None
+
+    def check_device(self, x: Any, device: Any, what: str) -> None:
+        # A data-parallel operator lives on a replicated sharding (hessop.distributed); an
+        # array on some of its devices is fine: the operator replicates it before use.
+        if isinstance(device, jax.sharding.Sharding) and isinstance(x, jax.Array):
+            try:
+                placed = x.sharding.device_set
+            except AttributeError:  # a tracer (inside jit or grad): placement is not known
+                return
+            if placed <= device.device_set:
+                return
+        super().check_device(x, device, what)
 
     def default_device(self) -> Any:
         return jax.devices()[0]
@@ -80,7 +103,9 @@ class JaxBackend(Backend):
         return jnp.dtype(dtype).name
 
     def stop_gradient(self, x: Any) -> Any:
-        return jax.lax.stop_gradient(x)
+        # Only a tracer carries gradients; a concrete array is immutable and, when it came
+        # from numpy, already a copy (asarray): no per-leaf dispatch or copy per operator.
+        return jax.lax.stop_gradient(x) if isinstance(x, jax.core.Tracer) else x
 
     def hessian_operator(self, problem: Problem, mode: str, **options: Any) -> HessianOperator:
         return JaxHessianOperator(problem, mode, self, **options)
@@ -100,81 +125,44 @@ class JaxHessianOperator(HessianOperator):
         device: Any,
         cache: bool | None = None,
         chunk_size: int | None = None,
+        differentiable: bool = False,  # JAX products are always differentiable in *args
     ) -> None:
         if mode == "auto":
             mode = "forward-over-reverse"
         super().__init__(problem, mode, backend, device)
         self.cache = (not problem.streamed) and (True if cache is None else bool(cache))
         self.chunk_size = chunk_size
-        spec = problem.spec
-        self._w = _pytree.ravel(jnp, spec, problem.leaves)
-
-        def loss(w: Any, args: tuple[Any, ...]) -> Any:
-            return problem.loss(_pytree.unravel(jnp, spec, w), args)
-
-        grad = jax.grad(loss)
-        self._value_and_grad = jax.jit(jax.value_and_grad(loss))
-        self._grad = jax.jit(grad)
-
-        if mode == "forward-over-reverse":
-
-            def hvp(w, v, args):
-                return jax.jvp(lambda x: grad(x, args), (w,), (v,))[1]
-
-            def linear_map(w, args):
-                return jax.linearize(lambda x: grad(x, args), w)[1]
-        elif mode == "reverse-over-forward":
-
-            def hvp(w, v, args):
-                return jax.grad(lambda x: jax.jvp(lambda y: loss(y, args), (x,), (v,))[1])(w)
-
-            linear_map = None
-        elif mode == "reverse-over-reverse":
-
-            def hvp(w, v, args):
-                return jax.grad(lambda x: jnp.vdot(grad(x, args), v))(w)
-
-            def linear_map(w, args):
-                vjp = jax.vjp(lambda x: grad(x, args), w)[1]
-                return jax.tree_util.Partial(lambda f, v: f(v)[0], vjp)
-        else:
-            hvp = linear_map = None
-
-        if hvp is not None:
-            self._hvp = jax.jit(hvp)
-            self._hmm = jax.jit(jax.vmap(hvp, in_axes=(None, 1, None), out_axes=1))
-        if linear_map is not None and self.cache:
-            # One compiled call gives the first product *and* the linear map, so a one-off
-            # product costs no more than the uncached mode.
-            def first(w, v, args):
-                lin = linear_map(w, args)
-                return lin(v), lin
-
-            def first_mat(w, V, args):
-                lin = linear_map(w, args)
-                return jax.vmap(lin, in_axes=1, out_axes=1)(V), lin
-
-            self._first = jax.jit(first)
-            self._first_mat = jax.jit(first_mat)
-            self._apply = jax.jit(lambda lin, v: lin(v))
-            self._apply_mat = jax.jit(lambda lin, V: jax.vmap(lin, in_axes=1, out_axes=1)(V))
+        # The products differentiate with respect to the leaves and only then lay the
+        # result out flat; ``_w`` (the flat point) serves the dense and finite-difference
+        # modes and is built on first use.
+        self._p = tuple(problem.leaves)
+        # The compiled functions depend on (f, layout, mode, cache), not on the point: they
+        # are shared between operators, so that an operator at a new point (a Newton step,
+        # a new batch) neither retraces nor recompiles.
+        fns = _functions(problem, mode, self.cache)
+        self._value_and_grad, self._grad = fns.value_and_grad, fns.grad
+        if fns.hvp is not None:
+            self._hvp, self._hmm = fns.hvp, fns.hmm
+        if fns.first is not None:
+            self._first, self._first_mat = fns.first, fns.first_mat
+            self._apply, self._apply_mat = fns.apply, fns.apply_mat
         else:
             self.cache = False
         self._lin = None
-        self._dense_fn = jax.jit(jax.hessian(loss)) if mode == "dense" else None
+        self._dense_fn = fns.dense
         self._dense = None
 
     def _batch_hvp(self, args: tuple[Any, ...], v: Any) -> Any:
         if self.cache:
             if self._lin is None:
-                out, self._lin = self._first(self._w, v, args)
+                out, self._lin = self._first(self._p, v, args)
                 return out
             return self._apply(self._lin, v)
         if self.mode == "dense":
             return self._dense_matrix(args) @ v
         if self.mode == "finite-difference":
             return self._fd(args, v)
-        return self._hvp(self._w, v, args)
+        return self._hvp(self._p, v, args)
 
     def _batch_hmm(self, args: tuple[Any, ...], V: Any) -> Any:
         step = self.chunk_size or V.shape[1]
@@ -185,14 +173,14 @@ class JaxHessianOperator(HessianOperator):
             )
         if self.cache:
             if self._lin is None:
-                out, self._lin = self._first_mat(self._w, V, args)
+                out, self._lin = self._first_mat(self._p, V, args)
                 return out
             return self._apply_mat(self._lin, V)
         if self.mode == "dense":
             return self._dense_matrix(args) @ V
         if self.mode == "finite-difference":
             return jnp.stack([self._fd(args, V[:, j]) for j in range(V.shape[1])], axis=1)
-        return self._hmm(self._w, V, args)
+        return self._hmm(self._p, V, args)
 
     def _dense_matrix(self, args: tuple[Any, ...]) -> Any:
         if self.problem.streamed:
@@ -211,4 +199,154 @@ class JaxHessianOperator(HessianOperator):
         return (self._grad(self._w + h * v, args) - self._grad(self._w - h * v, args)) / (2 * h)
 
     def _batch_grad(self, args: tuple[Any, ...]) -> tuple[Any, Any]:
-        return self._value_and_grad(self._w, args)
+        return self._value_and_grad(self._p, args)
+
+    @functools.cached_property
+    def _w(self) -> Any:
+        return _pytree.ravel(jnp, self.problem.spec, list(self._p))
+
+
+#: compiled functions shared between operators, keyed by (f, layout, mode, cache); a few
+#: recent entries only, since each one holds a reference to its loss function
+_SHARED: OrderedDict[tuple[Any, ...], SimpleNamespace] = OrderedDict()
+_SHARED_SIZE = 16
+
+
+def _ravel_in_jit(leaves: Any, size: int) -> Any:
+    """hessop's flat layout (see hessop._pytree.ravel), inside a compiled function.
+
+    Written as in-place slice updates: XLA:CPU compiles ``jnp.concatenate`` into a loop
+    that is several times slower than the copies (and than the elementwise work of an HVP).
+    """
+    out = jnp.zeros((size,), dtype=leaves[0].dtype)
+    start = 0
+    for x in leaves:
+        out = jax.lax.dynamic_update_slice(out, jnp.reshape(x, (-1,)), (start,))
+        start += x.size
+    return out
+
+
+def _functions(problem: Problem, mode: str, cache: bool) -> SimpleNamespace:
+    """The jitted functions of an operator, shared with earlier operators of the same loss."""
+    f, spec = problem.f, problem.spec
+    if any(isinstance(x, jax.core.Tracer) for x in problem.leaves):
+        return _build_functions(f, spec, mode, cache)  # inside a transformation: keep none
+    key = (f, spec, mode, cache)
+    try:
+        fns = _SHARED.pop(key, None)
+    except TypeError:  # an unhashable callable: compile for this operator only
+        return _build_functions(f, spec, mode, cache)
+    if fns is None:
+        fns = _build_functions(f, spec, mode, cache)
+    _SHARED[key] = fns  # most recently used last
+    while len(_SHARED) > _SHARED_SIZE:
+        _SHARED.popitem(last=False)
+    return fns
+
+
+def _build_functions(f: Any, spec: _pytree.TreeSpec, mode: str, cache: bool) -> SimpleNamespace:
+    # A Problem without a point or data: its loss() evaluates f on a pytree with the checks
+    # of every other path, and the functions keep no reference to the operator's arrays.
+    shell = Problem(
+        f=f,
+        spec=spec,
+        leaves=[],
+        args=None,
+        data=None,
+        reduction="mean",
+        batch_size=None,
+        convert=tuple,
+    )
+
+    # Functions of the point take the tuple of leaves ``p`` and differentiate with respect
+    # to it (differentiating with respect to a flat vector makes XLA slice the weights out
+    # and concatenate the result); vectors are flat, split into leaves by cheap slices.
+    def loss(p: tuple[Any, ...], args: tuple[Any, ...]) -> Any:
+        return shell.loss(list(p), args)
+
+    def unravel(v: Any) -> tuple[Any, ...]:
+        return tuple(_pytree.unravel(jnp, spec, v))
+
+    def ravel(leaves: Any) -> Any:
+        return _ravel_in_jit(leaves, spec.size)
+
+    def flat_loss(w: Any, args: tuple[Any, ...]) -> Any:
+        return loss(unravel(w), args)
+
+    grad = jax.grad(loss)
+
+    def value_and_flat_grad(p, args):
+        value, g = jax.value_and_grad(loss)(p, args)
+        return value, ravel(g)
+
+    value_and_grad = jax.jit(value_and_flat_grad)
+    grad_fn = jax.jit(lambda w, args: ravel(grad(unravel(w), args)))  # flat point in and out
+
+    if mode == "forward-over-reverse":
+
+        def hvp(p, v, args):
+            return ravel(jax.jvp(lambda q: grad(q, args), (p,), (unravel(v),))[1])
+
+        def linear_map(p, args):
+            lin = jax.linearize(lambda q: grad(q, args), p)[1]
+            return jax.tree_util.Partial(lambda lin, v: ravel(lin(unravel(v))), lin)
+    elif mode == "reverse-over-forward":
+
+        def hvp(p, v, args):
+            t = unravel(v)
+            return ravel(jax.grad(lambda q: jax.jvp(lambda r: loss(r, args), (q,), (t,))[1])(p))
+
+        linear_map = None
+    elif mode == "reverse-over-reverse":
+
+        def hvp(p, v, args):
+            t = unravel(v)
+            return ravel(jax.grad(lambda q: _tree_vdot(grad(q, args), t))(p))
+
+        def linear_map(p, args):
+            vjp = jax.vjp(lambda q: grad(q, args), p)[1]
+            return jax.tree_util.Partial(lambda vjp, v: ravel(vjp(unravel(v))[0]), vjp)
+    else:
+        hvp = linear_map = None
+
+    hvp_fn = hmm_fn = first_fn = first_mat_fn = apply_fn = apply_mat_fn = None
+    if hvp is not None:
+        hvp_fn = jax.jit(hvp)
+        hmm_fn = jax.jit(jax.vmap(hvp, in_axes=(None, 1, None), out_axes=1))
+    if linear_map is not None and cache:
+        # One compiled call gives the first product *and* the linear map, so a one-off
+        # product costs no more than the uncached mode.
+        def first(w, v, args):
+            lin = linear_map(w, args)
+            return lin(v), lin
+
+        def first_mat(w, V, args):
+            lin = linear_map(w, args)
+            return jax.vmap(lin, in_axes=1, out_axes=1)(V), lin
+
+        first_fn = jax.jit(first)
+        first_mat_fn = jax.jit(first_mat)
+        apply_fn = jax.jit(lambda lin, v: lin(v))
+        apply_mat_fn = jax.jit(lambda lin, V: jax.vmap(lin, in_axes=1, out_axes=1)(V))
+    return SimpleNamespace(
+        value_and_grad=value_and_grad,
+        grad=grad_fn,
+        hvp=hvp_fn,
+        hmm=hmm_fn,
+        first=first_fn,
+        first_mat=first_mat_fn,
+        apply=apply_fn,
+        apply_mat=apply_mat_fn,
+        dense=jax.jit(jax.hessian(flat_loss)) if mode == "dense" else None,
+    )
+
+
+def _tree_vdot(a: tuple[Any, ...], b: tuple[Any, ...]) -> Any:
+    return sum(jnp.vdot(x, y) for x, y in zip(a, b))
+
+
+def _only_on(x: Any, device: Any) -> bool:
+    try:
+        return x.devices() == {device}
+    except (AttributeError, ValueError):  # a tracer, or not a jax.Array
+        return False

@@ -14,6 +14,11 @@ Modes
 Every computation runs with gradients enabled, the math attention kernel and the
 multi-head-attention fast path off (the fused kernels have no forward-mode or
 double-backward derivatives); the user's settings are restored afterwards.
+
+``differentiable=True`` keeps every product's autograd graph to the tensors the loss
+receives as arguments or closes over (``create_graph=True`` in the reverse-over-reverse,
+dense and finite-difference modes; the torch.func modes compose with outer autograd by
+themselves), and turns the default cache off, so that each product owns its graph.
 """
 
 from __future__ import annotations
@@ -93,10 +98,14 @@ class TorchBackend(Backend):
         return x.device
 
     def default_device(self) -> Any:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return self.resolve_device("cuda" if torch.cuda.is_available() else "cpu")
 
     def resolve_device(self, device: Any) -> Any:
-        return torch.device(device)
+        device = torch.device(device)
+        # Tensors report "cuda:0", never "cuda": pin the index so device checks compare equal.
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def dtype(self, dtype: Any) -> Any:
         if isinstance(dtype, torch.dtype):
@@ -108,7 +117,9 @@ class TorchBackend(Backend):
             raise TypeError(f"unsupported dtype {dtype!r} for torch") from None
 
     def stop_gradient(self, x: Any) -> Any:
-        return x.detach()
+        # A private copy: the operator stays at its point when the caller later updates the
+        # parameters in place (an optimizer step), or the numpy array they were built from.
+        return x.detach().clone()
 
     def hessian_operator(self, problem: Problem, mode: str, **options: Any) -> HessianOperator:
         return TorchHessianOperator(problem, mode, self, **options)
@@ -128,11 +139,16 @@ class TorchHessianOperator(HessianOperator):
         device: Any,
         cache: bool | None = None,
         chunk_size: int | None = None,
+        differentiable: bool = False,
     ) -> None:
         if mode == "auto":
             mode = "reverse-over-reverse"
         super().__init__(problem, mode, backend, device)
-        self.cache = (not problem.streamed) if cache is None else bool(cache)
+        self.differentiable = bool(differentiable)
+        # A cached graph would be shared by every differentiable product, and the caller's
+        # first backward through one of them would free it under the others.
+        default_cache = not problem.streamed and not self.differentiable
+        self.cache = default_cache if cache is None else bool(cache)
         self.chunk_size = chunk_size
         self._graph: tuple[list[Any], list[Any], list[int]] | None = None
         self._dense: dict[int, Any] = {}
@@ -177,7 +193,8 @@ class TorchHessianOperator(HessianOperator):
             grads,
             leaves,
             grad_outputs=[vs[i] for i in live],
-            retain_graph=retain,
+            retain_graph=retain or self.differentiable,
+            create_graph=self.differentiable,
             allow_unused=True,
             materialize_grads=True,
             is_grads_batched=batched,
@@ -213,7 +230,10 @@ class TorchHessianOperator(HessianOperator):
                 except (RuntimeError, NotImplementedError) as err:
                     raise _forward_mode_error(err, self.mode) from err
             if self.mode == "dense":
-                return self._dense_matrix(args) @ v
+                try:  # torch.func.hessian is jacfwd(jacrev): it needs forward mode too
+                    return self._dense_matrix(args) @ v
+                except (RuntimeError, NotImplementedError) as err:
+                    raise _forward_mode_error(err, self.mode) from err
             if self.mode == "finite-difference":
                 return self._fd_product(args, v, batched)
         raise AssertionError(self.mode)
@@ -250,7 +270,10 @@ class TorchHessianOperator(HessianOperator):
                 return loss(*self._leaves_v(w))
 
             w = self._flat(self.problem.leaves)
-            H = torch.func.hessian(flat_loss)(w).detach()
+            H = torch.func.hessian(flat_loss)(w)
+            if self.differentiable:
+                return H  # its graph may be backpropagated only once: never reuse it
+            H = H.detach()
             if self.problem.streamed:
                 return H  # never keep one matrix per batch
             self._dense[key] = H
@@ -259,8 +282,14 @@ class TorchHessianOperator(HessianOperator):
     def _gradient(self, args: tuple[Any, ...], leaves: list[Any]) -> Any:
         leaves = [x.detach().requires_grad_(True) for x in leaves]
         loss = self._loss_fn(args)(*leaves)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-        return loss.detach(), self._flat(list(grads))
+        grads = torch.autograd.grad(
+            loss,
+            leaves,
+            allow_unused=True,
+            materialize_grads=True,
+            create_graph=self.differentiable,
+        )
+        return (loss if self.differentiable else loss.detach()), self._flat(list(grads))
 
     def _fd_product(self, args: tuple[Any, ...], v: Any, batched: bool) -> Any:
         if batched:
@@ -274,7 +303,7 @@ class TorchHessianOperator(HessianOperator):
         # Central differences: error O(h^2) from truncation vs O(eps/h) from rounding; the
         # balance is at h ~ eps^(1/3), scaled to the size of the point.
         h = self._bk.eps(self.dtype) ** (1 / 3) * max(1.0, float(torch.linalg.vector_norm(w)))
-        h = h / float(vnorm)
+        h = h / float(vnorm.detach())  # the step is a constant, even when v carries a graph
         plus = self._gradient(args, self._leaves_v(w + h * v))[1]
         minus = self._gradient(args, self._leaves_v(w - h * v))[1]
         return (plus - minus) / (2 * h)
