@@ -50,14 +50,22 @@ _DTYPES = {
 
 
 @contextlib.contextmanager
-def autodiff_context() -> Iterator[None]:
-    """Grad mode on, math SDPA kernel, MHA fast path off; all restored on exit."""
+def autodiff_context(mode: str | None = None) -> Iterator[None]:
+    """Grad mode on, math SDPA kernel, MHA fast path off; all restored on exit.
+
+    With a ``mode``, the normalization layers whose second-order rules are wrong in that
+    mode (see :mod:`hessop.backends._torch_norms`) are computed from elementary ops.
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from ._torch_norms import CompositeNorms, for_mode
+
+    kinds = for_mode(mode) if mode is not None else frozenset()
+    norms = CompositeNorms(kinds) if kinds else contextlib.nullcontext()
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), norms:
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -206,6 +214,14 @@ class TorchHessianOperator(HessianOperator):
         return self._product(args, v, batched=False)
 
     def _batch_hmm(self, args: tuple[Any, ...], V: Any) -> Any:
+        kept = self.cache and not self.problem.streamed
+        if self.mode == "reverse-over-reverse" and kept and self.device.type == "cpu":
+            # On CPU a batched backward (is_grads_batched) through the kept gradient graph is
+            # no faster than one backward per column, and slower on wide layers (benchmarks/).
+            # Columns are taken as rows of one contiguous copy (a strided column would be
+            # gathered leaf by leaf), and the result is a (d, k) view, as in the batched path.
+            rows = V.T.contiguous()
+            return torch.stack([self._product(args, row, False) for row in rows]).T
         step = self.chunk_size or V.shape[1]
         cols = [
             self._product(args, V[:, j : j + step], batched=True)
@@ -215,7 +231,7 @@ class TorchHessianOperator(HessianOperator):
 
     def _product(self, args: tuple[Any, ...], v: Any, batched: bool) -> Any:
         vs = self._leaves_v(v)
-        with autodiff_context():
+        with autodiff_context(self.mode):
             if self.mode == "reverse-over-reverse":
                 if self.cache and not self.problem.streamed:
                     if self._graph is None:

@@ -123,7 +123,7 @@ def prepare(
             "operations; use mode='reverse-over-reverse' or call model.eval()"
         )
     if name == "torch":
-        from ._norms import for_mode
+        from ..backends._torch_norms import for_mode
 
         adapter.norms = for_mode(mode)
     convert = converter(bk, native_dtype, dev)

@@ -31,7 +31,7 @@ class FunctionalModel:
             )
         self.apply, self.loss_fn, self.params = apply, loss_fn, params
         self.framework, self.device = framework, device
-        #: torch normalizations computed from elementary ops (set per mode, see _norms.py)
+        #: torch normalizations computed from elementary ops (per mode: backends/_torch_norms)
         self.norms: frozenset[str] = frozenset()
 
     def rng(self) -> Any:

@@ -36,7 +36,7 @@ def norms_context(kinds: frozenset[str]) -> Any:
     """Decompose the normalizations ``kinds`` while active (nothing when empty)."""
     if not kinds:
         return contextlib.nullcontext()
-    from ._norms import CompositeNorms
+    from ..backends._torch_norms import CompositeNorms
 
     return CompositeNorms(kinds)
 
@@ -194,7 +194,7 @@ class TorchModuleModel:
         self.fixed = {n: snapshot(p) for n, p in named.items() if n not in chosen}
         self.buffers = {n: snapshot(b) for n, b in model.named_buffers() if b is not None}
         self.seed = int(seed) if allow_randomness == "fixed-seed" else None
-        #: normalizations computed from elementary ops (set per mode, see _norms.py)
+        #: normalizations computed from elementary ops (per mode: backends/_torch_norms)
         self.norms: frozenset[str] = frozenset()
         self.allow_randomness = allow_randomness
         if allow_randomness is None:
