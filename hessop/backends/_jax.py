@@ -13,9 +13,9 @@ Modes
 * finite-difference: central differences of two gradients.
 
 Each function is compiled once per operator with the batch passed as an argument, so
-products never retrace, and batches of equal shapes share one compilation. ``matmat`` is
-one ``jax.vmap``-ed call. float64 needs ``jax_enable_x64``; without it hessop raises
-instead of silently computing in float32.
+products never retrace, and batches of equal shapes share one compilation; operators of
+the same loss share them too. ``matmat`` is one ``jax.vmap``-ed call. float64 needs
+``jax_enable_x64``; without it hessop raises instead of silently computing in float32.
 """
 
 from __future__ import annotations
@@ -314,8 +314,9 @@ def _build_functions(f: Any, spec: _pytree.TreeSpec, mode: str, cache: bool) -> 
         hvp_fn = jax.jit(hvp)
         hmm_fn = jax.jit(jax.vmap(hvp, in_axes=(None, 1, None), out_axes=1))
     if linear_map is not None and cache:
-        # One compiled call gives the first product *and* the linear map, so a one-off
-        # product costs no more than the uncached mode.
+        # One compiled call gives the first product *and* the linear map. Writing the
+        # linearization out makes that call ~10-25% slower than an uncached product on CPU
+        # (benchmarks/): pass cache=False for one-off products.
         def first(w, v, args):
             lin = linear_map(w, args)
             return lin(v), lin
