@@ -66,7 +66,7 @@ _SHORT = {v: k for k, v in _CANONICAL.items()}
 #: default batch sizes: the reference sizes (MLP 128, CNN 32, transformer 32) where a run
 #: of the whole default benchmark still fits in about three minutes on two CPU cores
 DEFAULT_BATCH_SIZES: dict[str, int] = {"mlp": 128, "cnn": 8, "transformer": 16}
-DEFAULT_REPEATS = 5
+DEFAULT_REPEATS = 4
 DEFAULT_K = 8
 
 #: tiny models for ``--quick`` (tests, smoke runs)

@@ -21,11 +21,11 @@ class CurvatureOperator(LinearOperator):
     """A symmetric positive semi-definite curvature matrix of a model's loss.
 
     Not built directly: see :func:`hessop.model_ggn` and :func:`hessop.model_fisher`.
+    ``params`` is the point, as a params-shaped pytree (for an ``nn.Module``: a dict by
+    name).
 
     Attributes
     ----------
-    params :
-        The point, as a params-shaped pytree (for an ``nn.Module``: a dict by name).
     cache : bool
         Whether work independent of the vector is kept between products (one batch only).
     """
