@@ -159,6 +159,16 @@ class HessianOperator(LinearOperator):
     ----------
     mode : str
         The automatic-differentiation mode in use (the one ``"auto"`` chose).
+
+    Examples
+    --------
+    >>> import numpy as np, hessop
+    >>> H = hessop.hessian(lambda p: (p["a"] ** 2 * p["b"]).sum(),
+    ...                    {"a": np.array([1.0, 2.0]), "b": np.array(3.0)}, backend="torch")
+    >>> isinstance(H, hessop.HessianOperator), H.shape
+    (True, (3, 3))
+    >>> H.unravel(H @ H.ravel({"a": np.zeros(2), "b": np.array(1.0)}))["a"]
+    tensor([2., 4.], dtype=torch.float64)
     """
 
     def __init__(self, problem: Problem, mode: str, backend: Backend, device: Any) -> None:

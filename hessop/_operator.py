@@ -406,7 +406,15 @@ class IdentityOperator(LinearOperator):
 
 
 class DenseOperator(LinearOperator):
-    """An explicit matrix of any framework, as an operator in that framework."""
+    """An explicit matrix of any framework, as an operator in that framework.
+
+    Examples
+    --------
+    >>> import numpy as np, hessop
+    >>> A = hessop.DenseOperator(np.array([[1.0, 2.0], [0.0, 1.0]]))
+    >>> A.symmetric, A.T @ np.array([1.0, 1.0])
+    (False, array([1., 3.]))
+    """
 
     def __init__(self, A: Any, symmetric: bool | None = None) -> None:
         bk = get_backend(A)
@@ -436,7 +444,16 @@ class DenseOperator(LinearOperator):
 
 
 class CallableOperator(LinearOperator):
-    """An operator from a matvec callable (and optionally rmatvec / matmat callables)."""
+    """An operator from a matvec callable (and optionally rmatvec / matmat callables).
+
+    Examples
+    --------
+    >>> import numpy as np, hessop
+    >>> A = hessop.CallableOperator(lambda v: np.cumsum(v), (3, 3), "float64", "numpy",
+    ...                             rmatvec=lambda v: np.cumsum(v[::-1])[::-1])
+    >>> A @ np.ones(3), np.ones(3) @ A
+    (array([1., 2., 3.]), array([3., 2., 1.]))
+    """
 
     def __init__(
         self,

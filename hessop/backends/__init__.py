@@ -60,6 +60,17 @@ def register_backend(
         import the framework.
     extra : str, optional
         The pip extra that installs the framework, quoted in error messages.
+
+    Examples
+    --------
+    >>> from hessop.backends import register_backend, get_backend
+    >>> from hessop.backends._numpy import NumpyBackend
+    >>> class Mine(NumpyBackend):
+    ...     name = "mine"
+    >>> register_backend("mine", Mine, detect=lambda x: False)
+    >>> get_backend("mine").name
+    'mine'
+    >>> _ = _REGISTRY.pop("mine"), _LOADED.pop("mine")  # keep the doctest side-effect free
     """
     _REGISTRY[name] = (loader, detect, extra or name)
     _LOADED.pop(name, None)
@@ -71,7 +82,11 @@ register_backend("jax", "hessop.backends._jax", _module_is("jax", "jaxlib"), ext
 
 
 def available_backends() -> list[str]:
-    """Names of the registered backends (installed or not)."""
+    """Names of the registered backends (installed or not).
+
+    >>> "numpy" in available_backends()
+    True
+    """
     return list(_REGISTRY)
 
 
@@ -104,7 +119,12 @@ def infer_backend(x: Any) -> str | None:
 
 
 def get_backend(name_or_array: Any) -> Backend:
-    """Return the backend for a name (``"torch"``, ``"jax"``, ``"numpy"``) or an array."""
+    """Return the backend for a name (``"torch"``, ``"jax"``, ``"numpy"``) or an array.
+
+    >>> import numpy as np
+    >>> get_backend(np.ones(2)).name
+    'numpy'
+    """
     if isinstance(name_or_array, Backend):
         return name_or_array
     if isinstance(name_or_array, str):
