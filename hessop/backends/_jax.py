@@ -3,7 +3,8 @@
 Modes
 -----
 * forward-over-reverse (``auto``): ``jax.jvp`` of ``jax.grad``. With the cache on (the
-  default for a single batch), the first product also returns ``jax.linearize`` of the
+  default for a single batch), the first product is a plain one (a one-off product must not
+  pay for a cache it will not use); the second also returns ``jax.linearize`` of the
   gradient, in the same compiled call, and every later product applies that linear map:
   the forward and backward passes are not repeated.
 * reverse-over-forward: ``jax.grad`` of ``jax.jvp``.
@@ -14,13 +15,18 @@ Modes
 
 Each function is compiled once per operator with the batch passed as an argument, so
 products never retrace, and batches of equal shapes share one compilation; operators of
-the same loss share them too. ``matmat`` is one ``jax.vmap``-ed call. float64 needs
+the same loss share them too. ``matmat`` is one ``jax.vmap``-ed call on accelerators and
+a loop of matvecs on a CPU, where XLA runs the batched contractions slower than k plain
+ones. ``compile=True`` compiles every product function at construction and reports the
+seconds in ``compile_time``. float64 needs
 ``jax_enable_x64``; without it hessop raises instead of silently computing in float32.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
@@ -112,6 +118,7 @@ class JaxBackend(Backend):
 
 
 BACKEND = JaxBackend()
+_log = logging.getLogger("hessop")
 
 
 class JaxHessianOperator(HessianOperator):
@@ -126,6 +133,7 @@ class JaxHessianOperator(HessianOperator):
         cache: bool | None = None,
         chunk_size: int | None = None,
         differentiable: bool = False,  # JAX products are always differentiable in *args
+        compile: bool = False,
     ) -> None:
         if mode == "auto":
             mode = "forward-over-reverse"
@@ -149,12 +157,24 @@ class JaxHessianOperator(HessianOperator):
         else:
             self.cache = False
         self._lin = None
+        self._used = False  # a cached operator builds its linear map on the second product
         self._dense_fn = fns.dense
         self._dense = None
+        # On a CPU a loop of compiled matvecs beats one vmapped call: XLA:CPU runs the
+        # batched contractions slower than k plain ones (benchmarks/). Accelerators batch.
+        self._loop_columns = _on_cpu(device)
+        self.compile_time: float | None = None
+        if compile:
+            self.compile_time = self._warm_up(fns)
 
     def _batch_hvp(self, args: tuple[Any, ...], v: Any) -> Any:
         if self.cache:
             if self._lin is None:
+                if not self._used:
+                    # A one-off product must not pay for writing out the linear map (10-25%
+                    # on CPU): the first product is a plain one, the second builds the map.
+                    self._used = True
+                    return self._hvp(self._p, v, args)
                 out, self._lin = self._first(self._p, v, args)
                 return out
             return self._apply(self._lin, v)
@@ -165,6 +185,11 @@ class JaxHessianOperator(HessianOperator):
         return self._hvp(self._p, v, args)
 
     def _batch_hmm(self, args: tuple[Any, ...], V: Any) -> Any:
+        if self.mode == "dense":
+            return self._dense_matrix(args) @ V
+        if self._loop_columns or self.mode == "finite-difference":
+            rows = _transpose(V)  # contiguous columns: slicing V[:, j] gathers
+            return _stack_columns([self._batch_hvp(args, row) for row in rows])
         step = self.chunk_size or V.shape[1]
         if step < V.shape[1]:
             return jnp.concatenate(
@@ -173,13 +198,10 @@ class JaxHessianOperator(HessianOperator):
             )
         if self.cache:
             if self._lin is None:
+                self._used = True
                 out, self._lin = self._first_mat(self._p, V, args)
                 return out
             return self._apply_mat(self._lin, V)
-        if self.mode == "dense":
-            return self._dense_matrix(args) @ V
-        if self.mode == "finite-difference":
-            return jnp.stack([self._fd(args, V[:, j]) for j in range(V.shape[1])], axis=1)
         return self._hmm(self._p, V, args)
 
     def _dense_matrix(self, args: tuple[Any, ...]) -> Any:
@@ -200,6 +222,33 @@ class JaxHessianOperator(HessianOperator):
 
     def _batch_grad(self, args: tuple[Any, ...]) -> tuple[Any, Any]:
         return self._value_and_grad(self._p, args)
+
+    def _warm_up(self, fns: SimpleNamespace) -> float:
+        """Compile every function a product will call, on the first batch; return the
+        seconds that took, or 0.0 when an earlier operator of the same loss compiled them
+        for the same shapes (then nothing runs)."""
+        args = next(iter(self.problem.batches()))[0]
+        arrays = jax.tree_util.tree_leaves((self._p, args))
+        if any(isinstance(x, jax.core.Tracer) for x in arrays):
+            return 0.0  # inside a transformation: compiled with the enclosing function
+        signature = tuple((tuple(x.shape), str(getattr(x, "dtype", ""))) for x in arrays)
+        if signature in fns.compiled_for:
+            return 0.0
+        start = time.perf_counter()
+        zero = jnp.zeros(self.shape[0], self.dtype)
+        if self.mode == "dense":
+            jax.block_until_ready(self._dense_matrix(args))
+        elif self.mode != "finite-difference":
+            jax.block_until_ready(self._hvp(self._p, zero, args))
+            if self.cache:  # the operator's own linear map: later products apply it
+                self._used = True
+                out, self._lin = self._first(self._p, zero, args)
+                jax.block_until_ready(self._apply(self._lin, out))
+        jax.block_until_ready(self._value_and_grad(self._p, args))
+        seconds = time.perf_counter() - start
+        fns.compiled_for.add(signature)
+        _log.info("hessop: compiled the %s products in %.2f s", self.mode, seconds)
+        return seconds
 
     @functools.cached_property
     def _w(self) -> Any:
@@ -339,11 +388,21 @@ def _build_functions(f: Any, spec: _pytree.TreeSpec, mode: str, cache: bool) -> 
         apply=apply_fn,
         apply_mat=apply_mat_fn,
         dense=jax.jit(jax.hessian(flat_loss)) if mode == "dense" else None,
+        compiled_for=set(),  # input signatures compile=True has warmed up (see _warm_up)
     )
 
 
 def _tree_vdot(a: tuple[Any, ...], b: tuple[Any, ...]) -> Any:
     return sum(jnp.vdot(x, y) for x, y in zip(a, b))
+
+
+_transpose = jax.jit(jnp.transpose)
+_stack_columns = jax.jit(functools.partial(jnp.stack, axis=1))
+
+
+def _on_cpu(device: Any) -> bool:
+    devices = getattr(device, "device_set", None) or [device]  # a sharding, or one device
+    return all(getattr(d, "platform", "cpu") == "cpu" for d in devices)
 
 
 def _only_on(x: Any, device: Any) -> bool:
