@@ -19,6 +19,7 @@ from ._errors import (
     LossError,
     RandomnessError,
     ShapeError,
+    StaleOperatorError,
     UnknownOptionError,
 )
 from ._hessian import MODES, HessianOperator, hessian
@@ -97,6 +98,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "HessopError",
+    "StaleOperatorError",
     "IdentityOperator",
     "LinearOperator",
     "LossError",

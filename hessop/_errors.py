@@ -43,6 +43,10 @@ class RandomnessError(HessopError, ValueError):
     """The loss draws random numbers (dropout in training mode), so it has no Hessian."""
 
 
+class StaleOperatorError(HessopError, RuntimeError):
+    """The parameters an operator was built at were changed in place (an optimizer step)."""
+
+
 class DistributedError(HessopError, RuntimeError):
     """``distributed=True`` without a usable process group, or ranks that disagree."""
 

@@ -159,6 +159,9 @@ class HessianOperator(LinearOperator):
     ----------
     mode : str
         The automatic-differentiation mode in use (the one ``"auto"`` chose).
+    compile_time : float or None
+        With ``compile=True``, the seconds spent compiling at construction (0.0 when an
+        earlier operator of the same loss had compiled it); None otherwise.
 
     Examples
     --------
@@ -170,6 +173,8 @@ class HessianOperator(LinearOperator):
     >>> H.unravel(H @ H.ravel({"a": np.zeros(2), "b": np.array(1.0)}))["a"]
     tensor([2., 4.], dtype=torch.float64)
     """
+
+    compile_time: float | None = None
 
     def __init__(self, problem: Problem, mode: str, backend: Backend, device: Any) -> None:
         d = problem.spec.size
@@ -194,6 +199,7 @@ class HessianOperator(LinearOperator):
         zero: Callable[[], Any] | None = None,
     ) -> Any:
         # ``zero()`` is the result for a process with no local batch (distributed only).
+        self._check_point()
         total, acc = 0, None
         for args, n in self.problem.batches():
             y = per_batch(args)
@@ -206,6 +212,9 @@ class HessianOperator(LinearOperator):
         if self.problem.streamed and self.problem.reduction == "mean":
             acc = _scale(acc, 1.0 / total)
         return acc
+
+    def _check_point(self) -> None:
+        """Raise :class:`~hessop.StaleOperatorError` when the point changed in place."""
 
     def _matvec(self, v: Any) -> Any:
         if self.problem.reducer is not None:
@@ -221,6 +230,7 @@ class HessianOperator(LinearOperator):
     @property
     def params(self) -> Any:
         """The point at which the Hessian is taken, as a params-shaped pytree."""
+        self._check_point()
         return _pytree.unflatten(self.problem.spec, list(self.problem.leaves))
 
     def loss_and_gradient(self) -> tuple[Any, Any]:
@@ -300,6 +310,7 @@ def hessian(
     batch_size: Callable[[tuple[Any, ...]], int] | None = None,
     cache: bool | None = None,
     chunk_size: int | None = None,
+    compile: bool = False,
     distributed: bool = False,
     process_group: Any = None,
     differentiable: bool = False,
@@ -314,7 +325,11 @@ def hessian(
     params :
         The point: an array or a pytree (dict / list / tuple, nested) of arrays, numpy or
         native. Its flat layout (see :meth:`HessianOperator.ravel`) is the same in every
-        backend: depth-first, dict entries in insertion order.
+        backend: depth-first, dict entries in insertion order. numpy arrays are copied;
+        torch tensors are not (no extra memory): changing them in place afterwards (an
+        optimizer step) makes every later use of the operator raise
+        :class:`~hessop.StaleOperatorError` instead of mixing two points. Build a new
+        operator at the new point, or pass ``p.detach().clone()`` to keep the old one.
     *args :
         Extra arguments of ``f`` (data, targets, ...). numpy floating arrays are converted
         to the backend's arrays in the operator's dtype, on its device.
@@ -344,6 +359,14 @@ def hessian(
         ``data=`` (which would otherwise keep every batch's graph in memory).
     chunk_size : int, optional
         Columns per batched call in ``matmat`` (bounds memory); default all at once.
+    compile : bool
+        Compile the product ahead of the first use and report the one-time cost in
+        ``H.compile_time`` (seconds; 0.0 when an earlier operator of the same loss already
+        compiled it). torch: the product is built with ``torch.func`` and passed through
+        ``torch.compile`` (``mode="auto"`` then means reverse-over-forward); it pays when
+        many products are taken at new points with equal shapes (the compilation takes
+        seconds to a minute). JAX: products are always jitted; ``compile=True`` only
+        compiles them at construction instead of at the first product.
     distributed : bool
         Data parallelism (see :mod:`hessop.distributed` and ``docs/distributed.md``):
         ``data=`` (or ``*args``, then one batch) is this process's share, and the operator,
@@ -444,7 +467,9 @@ def hessian(
         convert,
         reducer=reducer,
     )
-    options = {"differentiable": True} if differentiable else {}  # only torch needs it
+    options: dict[str, Any] = {"differentiable": True} if differentiable else {}
+    if compile:
+        options["compile"] = True
     return bk.hessian_operator(
         problem, mode, device=dev, cache=cache, chunk_size=chunk_size, **options
     )

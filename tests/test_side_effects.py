@@ -121,7 +121,9 @@ def test_batchnorm_uses_batch_statistics_without_updating_them():
     assert not torch.allclose(H_eval @ V, ref)
 
 
-def test_operator_keeps_its_point_when_the_model_moves_on():
+def test_operator_refuses_to_go_on_when_the_model_moves_on():
+    # No copy of the parameters is kept: after an optimizer step the operator raises
+    # instead of silently computing at a mix of two points (or at the new one).
     model, x, y = attention_model()
     loss = nn.CrossEntropyLoss()
     v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
@@ -132,10 +134,14 @@ def test_operator_keeps_its_point_when_the_model_moves_on():
             saved = [p.clone() for p in model.parameters()]
             for p in model.parameters():
                 p.mul_(1.5)
-        torch.testing.assert_close(op @ v, first, rtol=0, atol=0)
+        with pytest.raises(hessop.StaleOperatorError, match="changed in place"):
+            op @ v
+        with pytest.raises(hessop.StaleOperatorError):
+            op @ torch.stack([v, v], dim=1)
         with torch.no_grad():
             for p, s in zip(model.parameters(), saved):
                 p.copy_(s)
+        torch.testing.assert_close(make(model, loss, (x, y)) @ v, first, rtol=1e-12, atol=0)
 
 
 # --- randomness ------------------------------------------------------------------------------

@@ -84,9 +84,15 @@ def prepare(
     cache: bool | None = None,
     allow_randomness: str | None = None,
     seed: int = 0,
+    own_norms: str | None = None,
     **kw: Any,
 ) -> tuple[Any, HessianOperator]:
-    """The model adapter and the :class:`HessianOperator` of ``loss_fn(model(x), y)``."""
+    """The model adapter and the :class:`HessianOperator` of ``loss_fn(model(x), y)``.
+
+    ``own_norms``: an AD mode whose normalization decompositions the adapter applies on
+    every forward pass, for products computed outside the Hessian's backend (GGN, Fisher);
+    the backend applies its own.
+    """
     name = _framework(model, params, data, backend)
     mode = canonical_mode(mode)
     if name == "torch" and is_torch_module(model):
@@ -116,16 +122,21 @@ def prepare(
             natives = [x for x in leaves if bk.owns(x)]
             dev = bk.device_of(natives[0]) if natives else bk.default_device()
         adapter = FunctionalModel(model, loss_fn, params, name, dev)
+    if allow_randomness is not None and kw.get("compile"):
+        raise ValueError(
+            "compile=True cannot be combined with allow_randomness: a compiled product "
+            "does not re-seed the generators per call; pass compile=False"
+        )
     if allow_randomness == "fixed-seed" and mode not in _FIXED_SEED_MODES:
         raise ValueError(
             f"allow_randomness='fixed-seed' works with modes {_FIXED_SEED_MODES}, not "
             f"{mode!r}: that mode batches products with vmap, which refuses random "
             "operations; use mode='reverse-over-reverse' or call model.eval()"
         )
-    if name == "torch":
+    if name == "torch" and own_norms is not None:
         from ..backends._torch_norms import for_mode
 
-        adapter.norms = for_mode(mode)
+        adapter.norms = for_mode(own_norms)
     convert = converter(bk, native_dtype, dev)
     size = None if batch_size is None else (lambda args: batch_size(*args))
     options = dict(

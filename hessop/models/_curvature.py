@@ -60,6 +60,9 @@ class CurvatureOperator(LinearOperator):
     def _batch_mm(self, args: tuple[Any, ...], V: Any) -> Any:
         raise NotImplementedError
 
+    def _check_point(self) -> None:
+        self._hessian._check_point()
+
     def _matvec(self, v: Any) -> Any:
         return self._reduce(lambda args: self._batch_mv(args, v))
 

@@ -209,6 +209,11 @@ class TorchModuleModel:
     # --- pure functions -----------------------------------------------------------------
     def rng(self) -> Any:
         """The RNG scope of one evaluation (preserved, and seeded with 'fixed-seed')."""
+        if self.seed is None and torch.compiler.is_compiling():
+            # Inside compile=True's compiled product (which torch.compile cannot trace a
+            # snapshot of the global generators into): the loss was checked to draw
+            # nothing at construction, and the generators are not touched.
+            return contextlib.nullcontext()
         return preserve_rng(self.device, self.seed)
 
     def output(self, p: dict[str, Any], x: Any) -> Any:

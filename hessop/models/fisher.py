@@ -202,5 +202,6 @@ def model_fisher(
         cache=False,
         allow_randomness=allow_randomness,
         seed=seed,
+        own_norms="reverse-over-reverse",  # batched backward passes (is_grads_batched)
     )
     return FisherOperator(adapter, H, cache=cache, chunk_size=chunk_size)

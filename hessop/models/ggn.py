@@ -213,5 +213,6 @@ def model_ggn(
         cache=False,
         allow_randomness=allow_randomness,
         seed=seed,
+        own_norms="reverse-over-reverse",  # batched backward passes (is_grads_batched)
     )
     return GGNOperator(adapter, H, cache=cache, chunk_size=chunk_size)
