@@ -17,10 +17,13 @@ the reference models of :mod:`hessop.models.reference`, in every installed frame
 
 Times are interleaved: every repeat runs each measurement once, in a rotating order, in one
 process; the report gives medians, 20th and 80th percentiles and the ratio to the gradient
-of the same repeat. Peak memory is measured in a fresh process per measurement: on a GPU
-with the framework's allocator statistics, on a CPU as the growth of the resident set size
-(the kernel's high-water mark, reset right before the call, with large allocations forced
-to ``mmap`` so that freed memory leaves the process).
+of the same repeat. Peak memory is measured in a fresh process per measurement, as what
+a device allocator reports for that process: the arrays the measurement needs before its
+call (parameters, batch, vector) plus what the call adds at its peak. The addition is read
+on a GPU from the framework's allocator statistics, on a CPU as the growth of the resident
+set size (the kernel's high-water mark, reset right before the call, with large
+allocations forced to ``mmap`` so that freed memory leaves the process). The JSON keeps
+both parts (``resident_bytes``, ``growth_bytes``) and the ratio of the growths alone.
 
 Run ``hessop bench --help`` for the options.
 """
@@ -115,6 +118,7 @@ class BenchConfig:
     memory_reused: bool = False
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     peers: bool = False
+    compile: bool = False
     quick: bool = False
     seed: int = 0
     progress: bool = True
@@ -135,6 +139,7 @@ class BenchConfig:
             "memory_reused": self.memory_reused,
             "threads": self.threads,
             "peers": self.peers,
+            "compile": self.compile,
             "quick": self.quick,
             "seed": self.seed,
         }
@@ -171,6 +176,11 @@ class Case:
     memory_fns: dict[str, Callable[[], Any]]
     sync: Callable[[Any], Any]
     notes: list[str] = field(default_factory=list)
+    #: bytes of the arrays a memory measurement needs before its call (parameters, batch,
+    #: vectors): a device allocator counts them in the peak, as in the ICLR 2024 blog post
+    resident: dict[str, int] = field(default_factory=dict)
+    #: figures the callables record while they run (``compile_time_s``), for the report
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_case(framework: str, model: str, config: BenchConfig) -> Case:
@@ -246,6 +256,9 @@ def _torch_case(model_name: str, config: BenchConfig) -> Case:
     for mode in config.modes:
         fns[f"hvp:{mode}"] = new_point(mode)
         fns[f"hand:{mode}"] = hand[mode]
+    extra: dict[str, Any] = {}
+    if config.compile:
+        fns["hvp:compiled"] = _compiled_new_point(hessop.hessian, f, params, (x, y), v, extra)
 
     H = hessop.hessian(f, params, x, y, backend="torch")
     auto = _SHORT.get(H.mode, H.mode)
@@ -280,7 +293,35 @@ def _torch_case(model_name: str, config: BenchConfig) -> Case:
 
     memory_fns["matvec"] = fresh_matvec
     memory_fns["matmat"] = lambda: hessop.hessian(f, params, x, y, backend="torch").matmat(V)
-    return Case("torch", model_name, B, d, auto, str(device), fns, memory_fns, sync, notes)
+    resident = _resident(memory_fns, [*leaves, x, y], v, V, lambda t: t.numel() * t.element_size())
+    return Case(
+        "torch", model_name, B, d, auto, str(device), fns, memory_fns, sync, notes, resident, extra
+    )
+
+
+def _compiled_new_point(
+    hessian: Any, f: Any, params: Any, args: tuple[Any, ...], v: Any, extra: dict[str, Any]
+) -> Callable[[], Any]:
+    """One HVP at a new point through ``hessian(..., compile=True)``; the first operator's
+    one-time compilation cost goes to ``extra``."""
+
+    def run() -> Any:
+        H = hessian(f, params, *args, compile=True)
+        if "compile_time_s" not in extra:
+            extra["compile_time_s"], extra["compiled_mode"] = H.compile_time, H.mode
+        return H.matvec(v)
+
+    return run
+
+
+def _resident(
+    memory_fns: dict[str, Any], base: list[Any], v: Any, V: Any, nbytes: Callable[[Any], int]
+) -> dict[str, int]:
+    """Bytes each memory measurement needs before its call: parameters and batch, plus the
+    vector (or the k columns) of the products."""
+    common = sum(nbytes(t) for t in base)
+    extra = {"gradient": 0, "matmat": nbytes(V)}
+    return {name: common + extra.get(name, nbytes(v)) for name in memory_fns}
 
 
 def _reused(H: Any, v: Any, V: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
@@ -424,6 +465,9 @@ def _jax_case(model_name: str, config: BenchConfig) -> Case:
     for mode in config.modes:
         fns[f"hvp:{mode}"] = new_point(mode)
         fns[f"hand:{mode}"] = lambda h=hand[mode]: h(params, v_tree, x, y)
+    extra: dict[str, Any] = {}
+    if config.compile:
+        fns["hvp:compiled"] = _compiled_new_point(hessop.hessian, f, params, (x, y), v, extra)
 
     H = hessop.hessian(f, params, x, y, backend="jax")
     auto = _SHORT.get(H.mode, H.mode)
@@ -460,7 +504,10 @@ def _jax_case(model_name: str, config: BenchConfig) -> Case:
     notes = []
     if config.peers:
         notes.append("the peers are torch libraries; none is measured in JAX")
-    return Case("jax", model_name, B, d, auto, device, fns, memory_fns, sync, notes)
+    resident = _resident(memory_fns, [*params.values(), x, y], v, V, lambda t: int(t.nbytes))
+    return Case(
+        "jax", model_name, B, d, auto, device, fns, memory_fns, sync, notes, resident, extra
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -609,7 +656,8 @@ def _memory_worker(payload: str) -> int:
     case = build_case(req["framework"], req["model"], config)
     result = {}
     for name in req["names"]:
-        result[name] = measure_peak(case, name)
+        growth, method = measure_peak(case, name)
+        result[name] = (growth, method, case.resident.get(name, 0))
     print("HESSOP-MEMORY " + json.dumps(result))
     return 0
 
@@ -621,11 +669,12 @@ def measure_memory(
     config: BenchConfig,
     tick: Callable[[str], None],
     jobs: int = 1,
-) -> tuple[dict[str, int], str, list[str]]:
+) -> tuple[dict[str, tuple[int, int]], str, list[str]]:
     """Run the memory measurements in fresh processes (one per name, or one in all when
-    ``config.memory == "grouped"``), ``jobs`` at a time; return bytes per name, the
-    method, and notes. Each process measures its own memory, so CPU measurements may run
-    side by side; on a GPU they must not (JAX preallocates most of the device)."""
+    ``config.memory == "grouped"``), ``jobs`` at a time; return (growth over the call,
+    arrays resident before it) in bytes per name, the method, and notes. Each process
+    measures its own memory, so CPU measurements may run side by side; on a GPU they must
+    not (JAX preallocates most of the device)."""
     from concurrent.futures import ThreadPoolExecutor
 
     groups = [names] if config.memory == "grouped" else [[n] for n in names]
@@ -633,7 +682,7 @@ def measure_memory(
     # Large blocks get their own mmap and go back to the system when freed, so that the
     # resident set size follows what is live (glibc; ignored elsewhere).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     notes: list[str] = []
     method = ""
 
@@ -661,8 +710,8 @@ def measure_memory(
             err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             notes.append(f"memory of {framework} {model} {group} failed: {err}")
         else:
-            for name, (nbytes, how) in json.loads(line[0].split(" ", 1)[1]).items():
-                out[name] = int(nbytes)
+            for name, (growth, how, resident) in json.loads(line[0].split(" ", 1)[1]).items():
+                out[name] = (int(growth), int(resident))
                 method = how
         tick(f"{framework} {model}: memory {', '.join(group)}")
     return out, method, notes
@@ -720,7 +769,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             notes.append(f"{fw} is not installed (pip install hessop[{fw}]); skipped")
     cases = [(fw, m) for fw in frameworks for m in config.models]
     # progress: warm-up + repeats per callable (a rough count before the cases exist)
-    per_case = (1 + config.repeats) * (4 + 2 * len(config.modes) + (3 if config.peers else 0))
+    calls = 4 + 2 * len(config.modes) + (3 if config.peers else 0) + int(config.compile)
+    per_case = (1 + config.repeats) * calls
     mem_steps = 0
     if config.memory != "off":
         mem_steps = 1 if config.memory == "grouped" else len(_memory_names(config))
@@ -746,6 +796,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 "device": case.device,
                 "k": config.k,
                 "measurements": timings,
+                **case.extra,
             }
             del case
             gc.collect()
@@ -757,12 +808,19 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 )
                 notes.extend(mem_notes)
                 entry["memory_method"] = method
-                for name, nbytes in mem.items():
-                    timings.setdefault(name, {})["peak_bytes"] = nbytes
-                base = mem.get("gradient")
-                if base:
-                    for name in mem:
-                        timings[name]["memory_ratio"] = mem[name] / base
+                for name, (growth, resident) in mem.items():
+                    stats = timings.setdefault(name, {})
+                    stats["peak_bytes"] = growth + resident
+                    stats["growth_bytes"], stats["resident_bytes"] = growth, resident
+                grad = timings.get("gradient", {})
+                for name in mem:
+                    stats = timings[name]
+                    for key, ratio in (
+                        ("peak_bytes", "memory_ratio"),
+                        ("growth_bytes", "growth_ratio"),
+                    ):
+                        if grad.get(key):
+                            stats[ratio] = stats[key] / grad[key]
             _derive(entry, config)
             results.append(entry)
     finally:
@@ -823,6 +881,8 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         auto = e["auto_mode"]
         hvp = ms.get(f"hvp:{auto}", {})
         add("new-point HVP / gradient", e, f"hvp:{auto}", hvp.get("ratio"))
+        compiled = ms.get("hvp:compiled", {}).get("ratio")
+        add("new-point HVP / gradient", e, "compile=True", compiled)
         add("reused matvec / gradient", e, "matvec", ms.get("matvec", {}).get("ratio"))
         add(
             "matmat per column / matvec",
@@ -885,6 +945,11 @@ def format_table(report: dict[str, Any]) -> str:
             f"{e['framework']} / {e['model']}  (batch {e['batch_size']}, {e['num_params']:,} "
             f"parameters, {e['device']}, auto mode = {e['auto_mode']})"
         )
+        if e.get("compile_time_s") is not None:
+            lines.append(
+                f"compile=True: {e['compiled_mode']}, compiled once in "
+                f"{e['compile_time_s']:.1f} s (then shared by every new point)"
+            )
         lines.append(header)
         lines.append("-" * len(header))
         for name in sorted(ms, key=_row_order):
@@ -1137,6 +1202,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time curvlinops, PyHessian and hessian-eigenthings (torch) when installed",
     )
     bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time HVPs at a new point with hessian(..., compile=True) and report the "
+        "one-time compilation (torch.compile takes 10-60 s per model on 2 CPU cores)",
+    )
+    bench.add_argument(
         "--quick", action="store_true", help="tiny models and few repeats (smoke tests)"
     )
     bench.add_argument(
@@ -1175,6 +1246,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         memory_reused=bool(args.memory_reused),
         threads=args.threads,
         peers=bool(args.peers),
+        compile=bool(args.compile),
         quick=quick,
         seed=args.seed,
         progress=not args.no_progress,
