@@ -3,6 +3,7 @@
     python benchmarks/run.py                 # the default `hessop bench` (about 3 minutes)
     python benchmarks/run.py --reference     # the reference batch sizes, k = 16
     python benchmarks/run.py --peers         # also curvlinops, PyHessian, hessian-eigenthings
+    python benchmarks/run.py --compile       # also hessian(..., compile=True)
 
 Writes benchmarks/results/<name>.json and .png, and prints the table of benchmarks/README.md
 (the same as ``python benchmarks/table.py benchmarks/results/<name>.json``). Any other option
@@ -32,8 +33,9 @@ def main(argv: list[str]) -> int:
         extra.remove("--reference")
         extra += REFERENCE
         name = "cpu-reference"
-    if "--peers" in extra:
-        name += "-peers"
+    for flag in ("--peers", "--compile"):
+        if flag in extra:
+            name += "-" + flag[2:]
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     path = out / f"{name}.json"

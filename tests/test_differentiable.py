@@ -184,6 +184,20 @@ def test_torch_products_differentiable(mode):
     assert W.grad is None and a.grad is None
 
 
+def test_torch_kept_graph_matmat_is_differentiable():
+    # cache=True with differentiable=True: every column goes through the one kept graph
+    # (retained, with create_graph), and the block keeps the graph of every column.
+    torch = pytest.importorskip("torch")
+    x, W, a, V = energy_problem("torch")
+    W, a = W.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    ref = torch.autograd.grad(dense_quadratic_form("torch", x, W, a, V), [W, a])
+    H = hessop.hessian(energy, x, W, a, differentiable=True, cache=True)
+    assert H.cache and H.mode == "reverse-over-reverse"
+    g = torch.autograd.grad((V * (H @ V)).sum(), [W, a])
+    for gi, ri in zip(g, ref):
+        np.testing.assert_allclose(gi.numpy(), ri.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_torch_default_keeps_no_graph():
     pytest.importorskip("torch")
     x, W, a, V = energy_problem("torch")
