@@ -25,11 +25,13 @@ def markdown_table(report: dict) -> str:
     for e in report["results"]:
         ms = e["measurements"]
         model = f"{e['model']} (b={e['batch_size']})"
+        peak = ms["gradient"].get("peak_bytes")
         rows.append(
             f"| {e['framework']} | {model} | gradient: {1e3 * ms['gradient']['median_s']:.1f} ms "
-            f"| 1.00 | | | {ms['gradient'].get('peak_bytes', 0) / 1e6:.1f} MB |"
+            f"| 1.00 | | | {'' if peak is None else f'{peak / 1e6:.1f} MB'} |"
         )
-        names = [f"hvp:{m}" for m in report["config"]["modes"]] + ["matvec", "matmat"]
+        names = ["hvp:compiled"] if "hvp:compiled" in ms else []
+        names += [f"hvp:{m}" for m in report["config"]["modes"]] + ["matvec", "matmat"]
         names += sorted(n for n in ms if n.startswith("peer:"))
         for name in names:
             s = ms.get(name)
@@ -39,6 +41,7 @@ def markdown_table(report: dict) -> str:
             label = {
                 "matvec": f"reused matvec ({e['auto_mode']})",
                 "matmat": f"matmat per column (k={e['k']})",
+                "hvp:compiled": f"new-point HVP, compile=True ({e.get('compiled_mode', '?')})",
             }.get(name, name.replace("hvp:", "new-point HVP, "))
             hand_name = f"hand:{name[4:]}" if name.startswith("hvp:") else f"hand:{name}"
             hand = ms.get(hand_name, {}).get("ratio")
