@@ -18,8 +18,8 @@ products never retrace, and batches of equal shapes share one compilation; opera
 the same loss share them too. ``matmat`` is one ``jax.vmap``-ed call on accelerators and
 a loop of matvecs on a CPU, where XLA runs the batched contractions slower than k plain
 ones. ``compile=True`` compiles every product function at construction and reports the
-seconds in ``compile_time``. float64 needs
-``jax_enable_x64``; without it hessop raises instead of silently computing in float32.
+seconds in ``compile_time``. float64 needs ``jax_enable_x64``; without it hessop raises
+instead of silently computing in float32.
 """
 
 from __future__ import annotations
@@ -238,7 +238,9 @@ class JaxHessianOperator(HessianOperator):
         zero = jnp.zeros(self.shape[0], self.dtype)
         if self.mode == "dense":
             jax.block_until_ready(self._dense_matrix(args))
-        elif self.mode != "finite-difference":
+        elif self.mode == "finite-difference":
+            jax.block_until_ready(self._grad(self._w, args))
+        else:
             jax.block_until_ready(self._hvp(self._p, zero, args))
             if self.cache:  # the operator's own linear map: later products apply it
                 self._used = True
@@ -247,7 +249,7 @@ class JaxHessianOperator(HessianOperator):
         jax.block_until_ready(self._value_and_grad(self._p, args))
         seconds = time.perf_counter() - start
         fns.compiled_for.add(signature)
-        _log.info("hessop: compiled the %s products in %.2f s", self.mode, seconds)
+        _log.info("compiled the %s Hessian-vector products in %.1f s", self.mode, seconds)
         return seconds
 
     @functools.cached_property

@@ -134,6 +134,11 @@ def _randomness_message(what: str) -> str:
     )
 
 
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
 class TorchModuleModel:
     """``model`` and ``loss_fn`` as pure functions of the selected parameters.
 
@@ -209,7 +214,7 @@ class TorchModuleModel:
     # --- pure functions -----------------------------------------------------------------
     def rng(self) -> Any:
         """The RNG scope of one evaluation (preserved, and seeded with 'fixed-seed')."""
-        if self.seed is None and torch.compiler.is_compiling():
+        if self.seed is None and _is_compiling():
             # Inside compile=True's compiled product (which torch.compile cannot trace a
             # snapshot of the global generators into): the loss was checked to draw
             # nothing at construction, and the generators are not touched.
