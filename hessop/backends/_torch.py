@@ -2,10 +2,11 @@
 
 Modes
 -----
-* reverse-over-reverse (``auto``): the gradient is computed once with ``create_graph=True``
-  and that graph is differentiated again for every product (one backward pass each), so a
-  second product costs about one gradient less than the first. ``cache=False`` rebuilds
-  the graph per product instead, freeing it in between.
+* reverse-over-reverse (``auto``): the gradient is computed with ``create_graph=True`` and
+  differentiated again. With the cache on (the default for a single batch) the first
+  product frees that graph as it goes (a one-off product must not hold it afterwards); the
+  second keeps it, and every later product is one backward pass through it, about one
+  gradient cheaper. ``cache=False`` rebuilds the graph per product.
 * forward-over-reverse: ``torch.func.jvp`` of ``torch.func.grad``.
 * reverse-over-forward: ``torch.func.grad`` of ``torch.func.jvp``.
 * dense: ``torch.func.hessian`` once, then matrix products.
@@ -175,6 +176,7 @@ class TorchHessianOperator(HessianOperator):
         self.cache = default_cache if cache is None else bool(cache)
         self.chunk_size = chunk_size
         self._graph: tuple[list[Any], list[Any], list[int]] | None = None
+        self._used = False  # a cached operator keeps the gradient graph from the second product
         self._dense: dict[int, Any] = {}
         self._versions = [x._version for x in problem.leaves]
         self._compiled: types.SimpleNamespace | None = None
@@ -338,6 +340,10 @@ class TorchHessianOperator(HessianOperator):
         with autodiff_context(self._norms_mode(batched)):
             if self.mode == "reverse-over-reverse":
                 kept = self.cache and not self.problem.streamed
+                if kept and self._graph is None and not self._used:
+                    # A one-off product must not hold the graph afterwards (a quarter of its
+                    # peak memory): the first product frees it, the second builds and keeps it.
+                    self._used, kept = True, False
                 if kept and self._graph is None:
                     self._graph = self._grad_graph(args)
                 graph = self._graph if kept else self._grad_graph(args)
