@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
+
 from . import _pytree
 from ._errors import DTypeError, EmptyDataError, ShapeError, unknown
 from ._operator import LinearOperator
@@ -438,6 +440,9 @@ def hessian(
         if device is None and bk.owns(x):
             bk.check_device(x, dev, f"parameter leaf {i}")
     native_dtype = _resolve_dtype(bk, leaves, dtype)
+    # numpy leaves are copied, since the caller may change them in place unseen; native
+    # tensors are not (a torch operator watches their version counters instead).
+    leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
     leaves = [bk.stop_gradient(bk.asarray(x, dtype=native_dtype, device=dev)) for x in leaves]
     arg_arrays: list[Any] = []
     _collect_arrays(args, arg_arrays)
@@ -493,8 +498,6 @@ def _convert_arg(bk: Backend, x: Any, dtype: Any, device: Any) -> Any:
         return x
     name = infer_backend(x)
     if name == "numpy":
-        import numpy as np
-
         kind = np.asarray(x).dtype.kind
         return bk.asarray(x, dtype=dtype if kind == "f" else None, device=device)
     if name is not None and name != bk.name:

@@ -105,10 +105,10 @@ class TorchBackend(Backend):
     def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Any:
         if isinstance(x, torch.Tensor):
             return x.to(dtype=dtype or x.dtype, device=device or x.device)
-        # A copy, as in JAX: torch.as_tensor would alias a numpy array that the caller can
-        # still change (and warns on read-only ones).
-        return torch.tensor(
-            np.asarray(x), dtype=self.dtype(dtype) if dtype is not None else None, device=device
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            x = x.copy()  # torch warns on read-only buffers (e.g. from JAX)
+        return torch.as_tensor(
+            x, dtype=self.dtype(dtype) if dtype is not None else None, device=device
         )
 
     def to_numpy(self, x: Any) -> np.ndarray:
