@@ -51,6 +51,10 @@ class DistributedError(HessopError, RuntimeError):
     """``distributed=True`` without a usable process group, or ranks that disagree."""
 
 
+class NonFiniteError(HessopError, FloatingPointError):
+    """An input, a product or a gradient holds NaN or infinity, so no result can be trusted."""
+
+
 def unknown(kind: str, value: object, valid: list[str] | tuple[str, ...]) -> UnknownOptionError:
     """Build the error for an unknown option, listing the valid choices."""
     choices = ", ".join(repr(v) for v in valid)

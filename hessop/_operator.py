@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import DeviceError, DTypeError, ShapeError
-from .backends import Backend, get_backend
+from .backends import Backend, get_backend, infer_backend
 
 
 class LinearOperator:
@@ -131,6 +131,59 @@ class LinearOperator:
 
     def __call__(self, v: Any) -> Any:
         return self @ v
+
+    # --- arrays of the operator's framework (what algorithms need besides products) -------
+    def asarray(self, x: Any, dtype: Any = None) -> Any:
+        """``x`` (numpy, a Python scalar or sequence, or an array of this framework) as an
+        array of the operator's framework on its device, in ``dtype`` (default the
+        operator's).
+
+        Examples
+        --------
+        >>> import numpy as np, hessop
+        >>> A = hessop.aslinearoperator(np.eye(2))
+        >>> A.asarray([1, 2])
+        array([1., 2.])
+        """
+        bk = self._bk
+        if not bk.owns(x):
+            name = infer_backend(x)
+            if name not in (None, "numpy"):
+                raise TypeError(
+                    f"got a {name} array for a {self.backend} operator; pass a "
+                    f"{self.backend} (or numpy) array"
+                )
+            x = np.asarray(x)
+        native = self.dtype if dtype is None else bk.dtype(dtype)
+        return bk.asarray(x, dtype=native, device=self.device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """An array of the operator's framework as a numpy array on the host (detached)."""
+        return self._bk.to_numpy(x)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        """Zeros of ``shape`` in the operator's framework, dtype (by default) and device."""
+        native = self.dtype if dtype is None else self._bk.dtype(dtype)
+        return self.xp.zeros(shape, dtype=native, **self._device_kw())
+
+    @property
+    def eps(self) -> float:
+        """The machine epsilon of the operator's dtype.
+
+        >>> import numpy as np, hessop
+        >>> hessop.aslinearoperator(np.eye(2, dtype=np.float32)).eps
+        1.1920928955078125e-07
+        """
+        return self._bk.eps(self.dtype)
+
+    def kernel(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn(xp, *arrays)`` bound to this operator's array namespace, compiled once by
+        the framework where that pays (``jax.jit`` in JAX; eager elsewhere).
+
+        The loop bodies of iterative algorithms are written once against the array API as
+        such kernels. A kernel must see arrays of fixed shapes only.
+        """
+        return self._bk.jit(fn, self.device)
 
     # --- algebra --------------------------------------------------------------------------
     @property

@@ -8,7 +8,6 @@ Rayleigh-Ritz) are solved with numpy on the host, which is cheap and identical e
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -153,34 +152,9 @@ def progress_bar(enabled: bool, total: int | None, desc: str) -> Any:
     return tqdm(total=total, desc=desc, leave=False)
 
 
-_JITTED: dict[Callable[..., Any], Callable[..., Any]] = {}
-
-
 def kernel(A: LinearOperator, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(xp, *arrays)`` bound to ``A``'s namespace; compiled once with ``jax.jit`` for JAX.
-
-    The loop bodies of the iterative algorithms are such kernels: written once against the
-    array API, they run eagerly in numpy and torch, while in JAX one compiled call per
-    iteration replaces a dozen eagerly dispatched (and separately compiled) small ops.
-    Kernels see arrays of fixed shapes only, so each compiles once per problem size.
-    """
-    if A.backend != "jax":
-        return functools.partial(fn, A.xp)
-    import jax
-
-    jitted = _JITTED.get(fn)
-    if jitted is None:
-        jitted = _JITTED[fn] = jax.jit(fn, static_argnums=0)
-    device, xp = A.device, A.xp
-
-    def call(*args: Any) -> Any:
-        # Commit every array to the operator's device: a mix of committed and uncommitted
-        # arguments would compile the kernel a second time.
-        if device is not None:
-            args = tuple(jax.device_put(a, device) if isinstance(a, jax.Array) else a for a in args)
-        return jitted(xp, *args)
-
-    return call
+    """``fn(xp, *arrays)`` bound to ``A``'s namespace (see :meth:`LinearOperator.kernel`)."""
+    return A.kernel(fn)
 
 
 def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,14 @@ class Backend:
 
     def stop_gradient(self, x: Any) -> Any:
         return x
+
+    def jit(self, fn: Callable[..., Any], device: Any) -> Callable[..., Any]:
+        """``fn(xp, *arrays)`` bound to this namespace, compiled where that pays.
+
+        The default runs eagerly; a framework with a tracing compiler (JAX) compiles it
+        once per ``fn`` and shapes.
+        """
+        return functools.partial(fn, self.xp)
 
     # --- checks shared by every operator --------------------------------------------------
     def check_floating(self, dtype: Any, what: str) -> None:

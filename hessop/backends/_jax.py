@@ -113,8 +113,28 @@ class JaxBackend(Backend):
         # from numpy, already a copy (asarray): no per-leaf dispatch or copy per operator.
         return jax.lax.stop_gradient(x) if isinstance(x, jax.core.Tracer) else x
 
+    def jit(self, fn: Any, device: Any) -> Any:
+        jitted = _JITTED_KERNELS.get(fn)
+        if jitted is None:
+            jitted = _JITTED_KERNELS[fn] = jax.jit(fn, static_argnums=0)
+
+        def call(*args: Any) -> Any:
+            # Commit every array to the operator's device: a mix of committed and
+            # uncommitted arguments would compile the kernel a second time.
+            if device is not None:
+                args = tuple(
+                    jax.device_put(a, device) if isinstance(a, jax.Array) else a for a in args
+                )
+            return jitted(jnp, *args)
+
+        return call
+
     def hessian_operator(self, problem: Problem, mode: str, **options: Any) -> HessianOperator:
         return JaxHessianOperator(problem, mode, self, **options)
+
+
+#: algorithm kernels compiled once per function (see Backend.jit)
+_JITTED_KERNELS: dict[Any, Any] = {}
 
 
 BACKEND = JaxBackend()
