@@ -17,6 +17,7 @@ from ._errors import (
     ForwardModeUnsupportedError,
     HessopError,
     LossError,
+    NonFiniteError,
     RandomnessError,
     ShapeError,
     StaleOperatorError,
@@ -31,6 +32,7 @@ from ._operator import (
     LinearOperator,
     aslinearoperator,
 )
+from ._streamed import CurvatureOperator
 from .algorithms import (
     CGResult,
     DiagonalResult,
@@ -52,7 +54,6 @@ from .algorithms import (
 )
 from .backends import available_backends, get_backend, register_backend
 from .models._api import model_hessian, model_hvp
-from .models._curvature import CurvatureOperator
 from .models.fisher import FisherOperator, model_fisher
 from .models.ggn import GGNOperator, model_ggn
 from .per_sample import jacobian, per_sample_gradients, per_sample_hessians
@@ -98,6 +99,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "HessopError",
+    "NonFiniteError",
     "StaleOperatorError",
     "IdentityOperator",
     "LinearOperator",

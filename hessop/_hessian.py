@@ -1,21 +1,29 @@
 """The Hessian of a scalar loss as a matrix-free operator, and the :func:`hessian` factory.
 
-:class:`HessianOperator` holds what every backend shares: the point, the flat layout of the
-parameter pytree, the dataset streaming and the choice of mode. A backend subclass supplies
-the per-batch products (``_batch_hvp``, ``_batch_hmm``, ``_batch_grad``).
+:class:`HessianOperator` is a :class:`~hessop._streamed.StreamedOperator` whose per-batch
+products come from the framework's Hessian kernel in one AD mode. The two modes that are
+not AD modes are composed here, the same way for every framework: ``"dense"`` materializes
+the batch's Hessian once (the kernel's :meth:`dense`), ``"finite-difference"`` takes
+central differences of two gradients.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-from . import _pytree
+from . import _checks, _pytree
 from ._errors import DTypeError, EmptyDataError, ShapeError, unknown
-from ._operator import LinearOperator
-from .backends import Backend, get_backend, infer_backend
+from ._inputs import convert_arg
+from ._loss import Loss
+from ._sharing import ShareKey
+from ._state import StateWatch
+from ._streamed import REDUCTIONS, Batches, StreamedOperator
+from .backends import Backend, get_backend, infer_backend, resolve_backend
+from .backends._base import KernelOptions
 
 #: canonical mode names, in the order they are documented
 MODES = (
@@ -26,136 +34,35 @@ MODES = (
     "finite-difference",
     "auto",
 )
-_ALIASES = {
+#: the short names accepted for the modes
+MODE_ALIASES = {
     "fwd-rev": "forward-over-reverse",
     "rev-fwd": "reverse-over-forward",
     "rev-rev": "reverse-over-reverse",
     "fd": "finite-difference",
 }
-REDUCTIONS = ("mean", "sum")
+_AD_MODES = MODES[:3]
 
 
-def canonical_mode(mode: str) -> str:
+def canonical_mode(mode: str, allowed: tuple[str, ...] = MODES) -> str:
     """Map a mode name or alias to its canonical name; raise for unknown modes.
 
     >>> canonical_mode("fwd-rev")
     'forward-over-reverse'
     """
-    name = _ALIASES.get(mode, mode)
-    if name not in MODES:
-        raise unknown("mode", mode, list(MODES) + list(_ALIASES))
+    name = MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else mode
+    if name not in allowed:
+        aliases = [a for a, m in MODE_ALIASES.items() if m in allowed]
+        raise unknown("mode", mode, list(allowed) + aliases)
     return name
 
 
-class Problem:
-    """Everything that defines the loss: the function, the point and the data.
-
-    Built by :func:`hessian`; backends read it. ``leaves`` are the parameter leaves as
-    native arrays (detached, on the operator's device, in the operator's dtype);
-    ``batches()`` yields ``(args, weight)`` pairs whose weights are the batch sizes.
-    ``reducer`` (a :class:`hessop.distributed.Reducer`, or None for one process) combines
-    this process's share of each product with the other processes' shares.
-    """
-
-    def __init__(
-        self,
-        f: Callable[..., Any],
-        spec: _pytree.TreeSpec,
-        leaves: list[Any],
-        args: tuple[Any, ...] | None,
-        data: Iterable[Any] | None,
-        reduction: str,
-        batch_size: Callable[[tuple[Any, ...]], int] | None,
-        convert: Callable[[Any], Any],
-        reducer: Any = None,
-    ) -> None:
-        self.f, self.spec, self.leaves = f, spec, leaves
-        self.args, self.data, self.reduction = args, data, reduction
-        self._batch_size, self._convert = batch_size, convert
-        self.reducer = reducer
-
-    @property
-    def streamed(self) -> bool:
-        return self.data is not None
-
-    def batches(self) -> Iterable[tuple[tuple[Any, ...], int]]:
-        """Yield ``(args, size)`` for each batch; a single batch has size 1."""
-        if self.data is None:
-            yield self.args, 1
-            return
-        empty = True
-        for item in self.data:
-            empty = False
-            # DataLoader's default collate turns a (x, y) sample into a [x, y] list.
-            args = self._convert(tuple(item) if isinstance(item, (tuple, list)) else (item,))
-            yield args, self.size_of(args)
-        if empty and self.reducer is None:  # a reducer decides whether all ranks are empty
-            raise EmptyDataError("data= yielded no batch; pass a non-empty iterable of batches")
-
-    def size_of(self, args: tuple[Any, ...]) -> int:
-        if self._batch_size is not None:
-            return int(self._batch_size(args))
-        leaves: list[Any] = []
-        _collect_arrays(args, leaves)
-        for x in leaves:
-            if len(getattr(x, "shape", ())) >= 1:
-                return int(x.shape[0])
-        raise ShapeError(
-            "cannot find the batch size: no argument of the batch is an array with a leading "
-            "dimension; pass batch_size=lambda args: ... to hessian()"
-        )
-
-    def loss(self, leaves: list[Any], args: tuple[Any, ...]) -> Any:
-        """Evaluate the loss on parameter leaves; check that it is a real scalar."""
-        out = self.f(_pytree.unflatten(self.spec, list(leaves)), *args)
-        shape = tuple(getattr(out, "shape", ()))
-        if shape != ():
-            from ._errors import LossError
-
-            raise LossError(
-                f"the loss must return a scalar, but it returned shape {shape}; "
-                "reduce it with .mean() or .sum() (for per-sample quantities see "
-                "hessop.per_sample_hessians)"
-            )
-        if isinstance(out, complex) or "complex" in str(getattr(out, "dtype", "")):
-            from ._errors import LossError
-
-            raise LossError(
-                "the loss must return a real scalar, but it returned a complex one; "
-                "return its real part or its absolute value (e.g. abs(z) ** 2)"
-            )
-        return out
-
-
-def _collect_arrays(tree: Any, out: list[Any]) -> None:
-    if isinstance(tree, dict):
-        for v in tree.values():
-            _collect_arrays(v, out)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            _collect_arrays(v, out)
-    elif hasattr(tree, "shape") and hasattr(tree, "dtype"):
-        out.append(tree)
-
-
-def map_arrays(fn: Callable[[Any], Any], tree: Any) -> Any:
-    """Apply ``fn`` to every array leaf of a nested dict/list/tuple, keep the rest."""
-    if isinstance(tree, dict):
-        return type(tree)((k, map_arrays(fn, v)) for k, v in tree.items())
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(map_arrays(fn, v) for v in tree))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(map_arrays(fn, v) for v in tree)
-    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
-        return fn(tree)
-    return tree
-
-
-class HessianOperator(LinearOperator):
+class HessianOperator(StreamedOperator):
     """The Hessian of a scalar loss at a point, as a symmetric linear operator.
 
-    Not built directly: use :func:`hessian` (or :func:`hessop.model_hessian`). Each backend
-    has its own subclass; all of them share this interface.
+    Not built directly: use :func:`hessian` (or :func:`hessop.model_hessian`). It is the
+    Hessian at the state it was built in; see :mod:`hessop._state` and the docs page "What
+    hessop guarantees".
 
     Attributes
     ----------
@@ -178,125 +85,119 @@ class HessianOperator(LinearOperator):
 
     compile_time: float | None = None
 
-    def __init__(self, problem: Problem, mode: str, backend: Backend, device: Any) -> None:
-        d = problem.spec.size
-        super().__init__((d, d), problem.leaves[0].dtype, backend, device, symmetric=True)
-        self.problem = problem
-        self.mode = mode
+    def __init__(self, *a: Any, mode: str, differentiable: bool = False, **k: Any) -> None:
+        super().__init__(*a, **k)
+        self.mode, self.differentiable = mode, differentiable
+        self._dense: Any = None
+        self._dense_lock = threading.Lock()
 
-    # --- per-batch products, supplied by the backend ------------------------------------
-    def _batch_hvp(self, args: tuple[Any, ...], v: Any) -> Any:
-        raise NotImplementedError
+    def _product(self, args: tuple[Any, ...], V: Any) -> Any:
+        if self.mode == "dense":
+            return self._dense_matrix(args) @ V
+        if self.mode == "finite-difference":
+            return self._finite_difference(args, V)
+        return super()._product(args, V)
 
-    def _batch_hmm(self, args: tuple[Any, ...], V: Any) -> Any:
-        raise NotImplementedError
+    def _dense_matrix(self, args: tuple[Any, ...]) -> Any:
+        if self.batches.streamed or self.differentiable:
+            return self._kernel.dense(self._point, args)  # never keep one matrix per batch
+        with self._dense_lock:
+            if self._dense is None:
+                self._dense = self._kernel.dense(self._point, args)
+        return self._dense
 
-    def _batch_grad(self, args: tuple[Any, ...]) -> tuple[Any, Any]:
-        raise NotImplementedError
-
-    # --- dataset reduction --------------------------------------------------------------
-    def _reduce(
-        self,
-        per_batch: Callable[[tuple[Any, ...]], Any],
-        zero: Callable[[], Any] | None = None,
-    ) -> Any:
-        # ``zero()`` is the result for a process with no local batch (distributed only).
-        self._check_point()
-        total, acc = 0, None
-        for args, n in self.problem.batches():
-            y = per_batch(args)
-            if self.problem.streamed and self.problem.reduction == "mean":
-                y = _scale(y, n)
-            acc = y if acc is None else _add(acc, y)
-            total += n
-        if self.problem.reducer is not None:  # the other processes' shares (distributed.py)
-            acc, total = self.problem.reducer.reduce(acc, total, zero)
-        if self.problem.streamed and self.problem.reduction == "mean":
-            acc = _scale(acc, 1.0 / total)
-        return acc
-
-    def _check_point(self) -> None:
-        """Raise :class:`~hessop.StaleOperatorError` when the point changed in place."""
-
-    def _matvec(self, v: Any) -> Any:
-        if self.problem.reducer is not None:
-            v = self.problem.reducer.replicate(v)
-        return self._reduce(lambda args: self._batch_hvp(args, v), lambda: self.xp.zeros_like(v))
-
-    def _matmat(self, V: Any) -> Any:
-        if self.problem.reducer is not None:
-            V = self.problem.reducer.replicate(V)
-        return self._reduce(lambda args: self._batch_hmm(args, V), lambda: self.xp.zeros_like(V))
-
-    # --- extras -------------------------------------------------------------------------
-    @property
-    def params(self) -> Any:
-        """The point at which the Hessian is taken, as a params-shaped pytree."""
-        self._check_point()
-        return _pytree.unflatten(self.problem.spec, list(self.problem.leaves))
-
-    def loss_and_gradient(self) -> tuple[Any, Any]:
-        """The loss (0-d array) and its flat gradient at the point (over all the data)."""
-        xp, kw = self.xp, {"dtype": self.dtype, **self._device_kw()}
-        return self._reduce(
-            lambda args: self._batch_grad(args),
-            lambda: (xp.zeros((), **kw), xp.zeros(self.shape[0], **kw)),
-        )
-
-    def gradient(self) -> Any:
-        """The flat gradient of the loss at the point (over all the data)."""
-        return self.loss_and_gradient()[1]
-
-    def ravel(self, tree: Any) -> Any:
-        """Flatten a params-shaped pytree into a vector in this operator's layout.
-
-        The layout is depth-first, dict entries in insertion order, each leaf in row-major
-        order; it is the same in every backend.
-        """
-        ok, leaves = _pytree.same_structure(self.problem.spec, tree)
-        if not ok:
-            raise ShapeError(
-                "the pytree does not match the parameters: expected a "
-                f"{self.problem.spec.describe()}"
+    def _finite_difference(self, args: tuple[Any, ...], V: Any) -> Any:
+        xp = self.xp
+        if V.ndim == 2:
+            return xp.stack(
+                [self._finite_difference(args, V[:, j]) for j in range(V.shape[1])], axis=1
             )
-        bk = self._bk
-        leaves = [bk.asarray(x, dtype=self.dtype, device=self.device) for x in leaves]
-        return _pytree.ravel(self.xp, self.problem.spec, leaves)
+        vnorm = float(self.to_numpy(xp.linalg.vector_norm(V)))
+        if vnorm == 0.0:
+            return xp.zeros_like(V)
+        w = _pytree.ravel(xp, self.spec, list(self._point))
+        # Central differences: error O(h^2) from truncation vs O(eps/h) from rounding; the
+        # balance is at h ~ eps^(1/3), scaled to the size of the point.
+        wnorm = float(self.to_numpy(xp.linalg.vector_norm(w)))
+        h = self.eps ** (1 / 3) * max(1.0, wnorm) / vnorm
 
-    def unravel(self, v: Any) -> Any:
-        """Split a flat vector into a params-shaped pytree (inverse of :meth:`ravel`)."""
-        v = self._check(v, 1, self.shape[0], "unravel")
-        return _pytree.unflatten(self.problem.spec, _pytree.unravel(self.xp, self.problem.spec, v))
+        def grad_at(x: Any) -> Any:
+            return self._kernel.gradient(tuple(_pytree.unravel(xp, self.spec, x)), args)[1]
+
+        return (grad_at(w + h * V) - grad_at(w - h * V)) / (2 * h)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f" mode={self.mode!r}>"
 
 
-def _scale(y: Any, a: float) -> Any:
-    return tuple(_scale(t, a) for t in y) if isinstance(y, tuple) else y * a
-
-
-def _add(a: Any, b: Any) -> Any:
-    return tuple(_add(x, y) for x, y in zip(a, b)) if isinstance(a, tuple) else a + b
-
-
-def _infer_backend_name(params_leaves: list[Any], args: Any) -> str:
-    names = {infer_backend(x) for x in params_leaves} - {"numpy", None}
-    if len(names) > 1:
-        raise TypeError(
-            f"the parameters mix frameworks ({sorted(names)}); use arrays of one framework"
-        )
-    if names:
-        return names.pop()
-    arrays: list[Any] = []
-    _collect_arrays(args, arrays)
-    names = {infer_backend(x) for x in arrays} - {"numpy", None}
-    if len(names) == 1:
-        return names.pop()
-    raise TypeError(
-        "cannot infer the backend from numpy (or mixed) arrays; "
-        "pass backend='torch' or backend='jax'"
+def build_hessian(
+    loss: Loss,
+    leaves: list[Any],
+    batches: Batches,
+    watch: StateWatch,
+    *,
+    backend: Backend,
+    device: Any,
+    mode: str,
+    cache: bool | None,
+    chunk_size: int | None,
+    compile: bool,
+    differentiable: bool,
+) -> HessianOperator:
+    """The :class:`HessianOperator` of a checked loss at native ``leaves``: the part of
+    :func:`hessian` that model-level operators share."""
+    if mode == "auto":
+        mode = backend.auto_compiled_mode if compile else backend.auto_mode
+    if compile:
+        _check_compile(backend, mode, differentiable)
+    # A kept graph would be shared by every differentiable product, and the caller's first
+    # backward through one of them would free it under the others.
+    default_cache = not batches.streamed and not differentiable
+    cache = default_cache if cache is None else cache
+    share, prefix = None, (loss.key, loss.spec, mode, loss.seed)
+    if watch.shareable and not any(backend.is_tracer(x) for x in leaves):
+        share = ShareKey((*prefix, watch.key()), watch.kept())
+    options = KernelOptions(device, differentiable, compile, cache, chunk_size, share)
+    kernel = backend.hessian_kernel(loss, mode, options)
+    H = HessianOperator(
+        leaves,
+        loss.spec,
+        batches,
+        kernel,
+        backend=backend,
+        device=device,
+        watch=watch,
+        loss=loss,
+        cache=cache,
+        chunk_size=chunk_size,
+        mode=mode,
+        differentiable=differentiable,
     )
+    H.share, H.share_prefix = share, prefix
+    if compile:
+        first = batches.first()
+        # no local batch (distributed): compiled at the first product
+        H.compile_time = 0.0 if first is None else kernel.warm_up(H._point, first)
+        if first is not None and H.cache:
+            # The operator's own linearization, with the compiled functions: every product
+            # of this operator is then an application of it.
+            H._count = 1
+            H._linearization = kernel.linearize(H._point, first, H.zeros((H.shape[0],)))[1]
+    return H
+
+
+def _check_compile(backend: Backend, mode: str, differentiable: bool) -> None:
+    if differentiable and not backend.compiled_products_differentiable:
+        raise ValueError(
+            "compile=True and differentiable=True cannot be combined: a compiled product "
+            "keeps no autograd graph to the arguments; pass compile=False"
+        )
+    if mode not in backend.compilable_modes:
+        raise ValueError(
+            f"compile=True needs one of the modes {list(backend.compilable_modes)} in the "
+            f"{backend.name!r} backend (or 'auto'); mode={mode!r} cannot be compiled: pass "
+            "one of those, or compile=False"
+        )
 
 
 def hessian(
@@ -316,6 +217,8 @@ def hessian(
     distributed: bool = False,
     process_group: Any = None,
     differentiable: bool = False,
+    allow_randomness: str | None = None,
+    seed: int = 0,
 ) -> HessianOperator:
     """The Hessian of ``f(params, *args)`` with respect to ``params``, as an operator.
 
@@ -323,20 +226,18 @@ def hessian(
     ----------
     f : callable
         ``f(params, *args) -> scalar``, written for the chosen framework (or once, with the
-        array API, for both).
+        array API, for both). It must compute the loss from the ``params`` it receives:
+        hessop differentiates with respect to them.
     params :
         The point: an array or a pytree (dict / list / tuple, nested) of arrays, numpy or
         native. Its flat layout (see :meth:`HessianOperator.ravel`) is the same in every
-        backend: depth-first, dict entries in insertion order. numpy arrays are copied;
-        torch tensors are not (no extra memory): changing them in place afterwards (an
-        optimizer step) makes every later use of the operator raise
-        :class:`~hessop.StaleOperatorError` instead of mixing two points. Build a new
-        operator at the new point, or pass ``p.detach().clone()`` to keep the old one.
+        backend: depth-first, dict entries in insertion order.
     *args :
         Extra arguments of ``f`` (data, targets, ...). numpy floating arrays are converted
         to the backend's arrays in the operator's dtype, on its device.
     backend : {"torch", "jax"}, optional
-        The framework; inferred from the arrays when omitted (numpy alone needs it).
+        The framework; inferred from the arrays when omitted (numpy arrays alone need it,
+        unless only one framework is installed).
     mode : str
         ``"forward-over-reverse"`` (``"fwd-rev"``), ``"reverse-over-forward"``
         (``"rev-fwd"``), ``"reverse-over-reverse"`` (``"rev-rev"``), ``"dense"``
@@ -366,29 +267,39 @@ def hessian(
         ``H.compile_time`` (seconds; 0.0 when an earlier operator of the same loss already
         compiled it). torch: the product is built with ``torch.func`` and passed through
         ``torch.compile`` (``mode="auto"`` then means reverse-over-forward); it pays when
-        many products are taken at new points with equal shapes (the compilation takes
-        seconds to a minute). JAX: products are always jitted; ``compile=True`` only
-        compiles them at construction instead of at the first product.
+        many products are taken at new points with equal shapes. JAX: products are always
+        jitted; ``compile=True`` only compiles them at construction.
     distributed : bool
         Data parallelism (see :mod:`hessop.distributed` and ``docs/distributed.md``):
         ``data=`` (or ``*args``, then one batch) is this process's share, and the operator,
         built on every process with the same ``params``, is the Hessian over the union of
-        all shares, each batch weighted by its size. torch: one all-reduce per product over
-        ``process_group``; shards may be uneven or empty. JAX: each batch is sharded over a
-        device mesh and XLA reduces; batch sizes must divide by the local device count.
+        all shares, each batch weighted by its size.
     process_group : optional
         torch: a ``torch.distributed`` process group (default the world, which must be
         initialized). JAX: a :class:`jax.sharding.Mesh` (default all of ``jax.devices()``).
     differentiable : bool
         Keep products (and :meth:`~HessianOperator.loss_and_gradient`) differentiable with
         respect to the arrays in ``*args`` and those ``f`` closes over, so that ``v @ (H @
-        v)`` can sit inside a training loss (Hutchinson trace penalties, sliced score
-        matching; see :func:`hessop.hvp` for a one-shot, fully differentiable product).
-        torch: products keep their autograd graph (``create_graph=True``) and ``cache``
-        defaults to off, so each product owns its graph and can be backpropagated once.
-        JAX: products are always differentiable with respect to ``*args`` (the operator can
-        be built inside ``jax.grad`` / ``jax.jit``); the flag changes nothing. In both, the
-        point ``params`` itself is a constant: no gradient flows to it.
+        v)`` can sit inside a training loss (see :func:`hessop.hvp` for a one-shot, fully
+        differentiable product). torch: products keep their autograd graph and ``cache``
+        defaults to off. JAX: products are always differentiable with respect to ``*args``
+        (the operator can be built inside ``jax.grad`` / ``jax.jit``). In both, the point
+        ``params`` itself is a constant.
+    allow_randomness : {None, "fixed-seed"}
+        A loss that draws random numbers has no Hessian and is refused (it is noticed on
+        its first evaluations). ``"fixed-seed"`` makes it deterministic instead: every
+        evaluation seeds the global generators with ``seed`` in a scope that restores them,
+        so every product sees the same draws (modes ``auto``/``reverse-over-reverse`` and
+        ``finite-difference``).
+    seed : int
+        The seed of ``allow_randomness="fixed-seed"``.
+
+    Notes
+    -----
+    The operator is the Hessian at the state it was built in: the point, the arguments and
+    what ``f`` reads from outside them. torch tensors are not copied; changing any of them
+    in place afterwards, or rebinding a global or closed-over variable ``f`` reads, makes
+    every later use raise :class:`~hessop.StaleOperatorError` instead of mixing two states.
 
     Examples
     --------
@@ -406,28 +317,133 @@ def hessian(
     mode = canonical_mode(mode)
     if reduction not in REDUCTIONS:
         raise unknown("reduction", reduction, REDUCTIONS)
+    chunk_size = _checks.optional_integer(chunk_size, "chunk_size", minimum=1)
+    compile = _checks.flag(compile, "compile")
+    distributed = _checks.flag(distributed, "distributed")
+    differentiable = _checks.flag(differentiable, "differentiable")
+    if cache is not None:
+        cache = _checks.flag(cache, "cache")
+    if not callable(f):
+        raise TypeError(f"f must be a function f(params, *args) -> scalar, got {type(f).__name__}")
+    if batch_size is not None and not callable(batch_size):
+        raise TypeError("batch_size must be a function batch_size(args) -> int")
     if process_group is not None and not distributed:
         raise TypeError("process_group= is used only with distributed=True; pass both")
     if distributed and data is None:
         data, args = [args], ()  # this process's arguments are its one local batch
     if data is not None:
-        if args:
-            raise TypeError("pass either *args or data=, not both")
-        if iter(data) is data:
-            raise TypeError(
-                "data= must be re-iterable (a list, tuple or DataLoader): every matrix-vector "
-                "product streams it again, and a one-shot iterator or generator would be "
-                "exhausted after the first; wrap it with list(...) if it fits in memory"
-            )
-        if hasattr(data, "__len__") and len(data) == 0 and not distributed:
-            raise EmptyDataError("data= is empty; pass at least one batch")
+        _check_data(data, args, distributed)
     leaves, spec = _pytree.flatten(params)
-    name = backend if backend is not None else _infer_backend_name(leaves, args)
-    bk = get_backend(name)
-    if not bk.differentiable:
+    bk = resolve_backend(backend, leaves, args)
+    dev, native_dtype = place(bk, leaves, device, dtype)
+    # numpy leaves are copied, since the caller may change them in place unseen; native
+    # tensors are not (the operator watches them instead).
+    leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
+    leaves = [bk.stop_gradient(bk.asarray(x, dtype=native_dtype, device=dev)) for x in leaves]
+    for x in _pytree.collect_arrays(args):  # fail here, not deep inside the first product
+        if bk.owns(x):
+            bk.check_device(x, dev, "an argument of the loss")
+    batches, leaves, dev = make_batches(
+        bk,
+        leaves,
+        dev,
+        native_dtype,
+        args=args,
+        data=data,
+        reduction=reduction,
+        batch_size=batch_size,
+        distributed=distributed,
+        process_group=process_group,
+    )
+    loss = Loss(f, spec, bk, allow_randomness=allow_randomness, seed=seed, device=dev, what="f")
+    if loss.seed is not None:
+        _check_fixed_seed_mode(mode)
+    watch = StateWatch()
+    for i, x in enumerate(leaves):
+        watch.add_array(f"parameter leaf {spec.paths[i] or i}", x)
+    for i, x in enumerate(_pytree.collect_arrays(batches.args or ())):
+        watch.add_array(f"array {i} of the arguments", x)
+    watch.add_function(f, "f")
+    return build_hessian(
+        loss,
+        leaves,
+        batches,
+        watch,
+        backend=bk,
+        device=dev,
+        mode=mode,
+        cache=cache,
+        chunk_size=chunk_size,
+        compile=compile,
+        differentiable=differentiable,
+    )
+
+
+def make_batches(
+    bk: Backend,
+    leaves: list[Any],
+    device: Any,
+    dtype: Any,
+    *,
+    args: tuple[Any, ...],
+    data: Iterable[Any] | None,
+    reduction: str,
+    batch_size: Callable[[tuple[Any, ...]], int] | None,
+    distributed: bool,
+    process_group: Any,
+) -> tuple[Batches, list[Any], Any]:
+    """The :class:`Batches` of an operator, with the distributed reduction when asked;
+    returns them with the leaves and device (a data-parallel operator places both)."""
+    reducer = None
+    if distributed:
+        from .distributed import make_reducer
+
+        reducer = make_reducer(bk, process_group)
+        leaves, device = reducer.prepare(leaves, device)
+
+    def convert(batch_args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if reducer is not None:
+            batch_args = reducer.shard_batch(batch_args, dtype)
+        return tuple(_pytree.map_arrays(lambda x: convert_arg(bk, x, dtype, device), batch_args))
+
+    batches = Batches(
+        convert(args) if data is None else None,
+        data,
+        reduction=reduction,
+        batch_size=batch_size,
+        convert=convert,
+        reducer=reducer,
+    )
+    return batches, leaves, device
+
+
+def _check_data(data: Any, args: tuple[Any, ...], distributed: bool) -> None:
+    if args:
+        raise TypeError("pass either *args or data=, not both")
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data= must be an iterable of argument tuples, got {type(data).__name__}")
+    if iter(data) is data:
         raise TypeError(
-            f"the {name!r} backend cannot differentiate; pass backend='torch' or backend='jax'"
+            "data= must be re-iterable (a list, tuple or DataLoader): every matrix-vector "
+            "product streams it again, and a one-shot iterator or generator would be "
+            "exhausted after the first; wrap it with list(...) if it fits in memory"
         )
+    if hasattr(data, "__len__") and len(data) == 0 and not distributed:
+        raise EmptyDataError("data= is empty; pass at least one batch")
+
+
+def _check_fixed_seed_mode(mode: str) -> None:
+    if mode not in ("auto", "reverse-over-reverse", "finite-difference"):
+        raise ValueError(
+            f"allow_randomness='fixed-seed' works with modes 'auto', 'reverse-over-reverse' "
+            f"and 'finite-difference', not {mode!r}: that mode batches products with vmap, "
+            "which refuses random operations; use mode='reverse-over-reverse'"
+        )
+
+
+def place(bk: Backend, leaves: list[Any], device: Any, dtype: Any) -> tuple[Any, Any]:
+    """The device and native dtype of an operator with these parameter leaves; checks that
+    the leaves are real floating arrays on one device and that the point is not empty."""
     dev = bk.resolve_device(device) if device is not None else None
     if dev is None:
         natives = [x for x in leaves if bk.owns(x)]
@@ -435,76 +451,23 @@ def hessian(
     for i, x in enumerate(leaves):
         if not hasattr(x, "dtype"):
             continue
-        bk_x = get_backend(x) if infer_backend(x) else bk
+        name = infer_backend(x)
+        bk_x = get_backend(name) if name else bk
         bk_x.check_floating(x.dtype, f"parameter leaf {i}")
         if device is None and bk.owns(x):
             bk.check_device(x, dev, f"parameter leaf {i}")
-    native_dtype = _resolve_dtype(bk, leaves, dtype)
-    # numpy leaves are copied, since the caller may change them in place unseen; native
-    # tensors are not (a torch operator watches their version counters instead).
-    leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
-    leaves = [bk.stop_gradient(bk.asarray(x, dtype=native_dtype, device=dev)) for x in leaves]
-    arg_arrays: list[Any] = []
-    _collect_arrays(args, arg_arrays)
-    for x in arg_arrays:  # fail here, not deep inside the first product
-        if bk.owns(x):
-            bk.check_device(x, dev, "an argument of the loss")
-    reducer = None
-    if distributed:
-        from .distributed import make_reducer
-
-        reducer = make_reducer(bk.name, process_group)
-        leaves, dev = reducer.prepare(leaves, dev)
-
-    def convert(batch_args: tuple[Any, ...]) -> tuple[Any, ...]:
-        if reducer is not None:
-            batch_args = reducer.shard_batch(batch_args, native_dtype)
-        return tuple(map_arrays(lambda x: _convert_arg(bk, x, native_dtype, dev), batch_args))
-
-    problem = Problem(
-        f,
-        spec,
-        leaves,
-        convert(args) if data is None else None,
-        data,
-        reduction,
-        batch_size,
-        convert,
-        reducer=reducer,
-    )
-    options: dict[str, Any] = {"differentiable": True} if differentiable else {}
-    if compile:
-        options["compile"] = True
-    return bk.hessian_operator(
-        problem, mode, device=dev, cache=cache, chunk_size=chunk_size, **options
-    )
-
-
-def _resolve_dtype(bk: Backend, leaves: list[Any], dtype: Any) -> Any:
+    if sum(int(np.prod(getattr(x, "shape", ()))) for x in leaves) == 0:
+        raise ShapeError(
+            "the parameters have no entries (every leaf has size 0), so there is nothing to "
+            "differentiate; pass the parameters the loss depends on"
+        )
     if dtype is not None:
         native = bk.dtype(dtype)
         bk.check_floating(native, "dtype=")
-        return native
+        return dev, native
     names = {str(getattr(x, "dtype", "float64")).replace("torch.", "") for x in leaves}
     if len(names) > 1:
         raise DTypeError(
             f"the parameter leaves have different dtypes {sorted(names)}; pass dtype= to choose one"
         )
-    return bk.dtype(names.pop())
-
-
-def _convert_arg(bk: Backend, x: Any, dtype: Any, device: Any) -> Any:
-    if bk.owns(x):
-        return x
-    name = infer_backend(x)
-    if name == "numpy":
-        kind = np.asarray(x).dtype.kind
-        return bk.asarray(x, dtype=dtype if kind == "f" else None, device=device)
-    if name is not None and name != bk.name:
-        # Silently converting across frameworks would copy (and maybe move) every batch.
-        raise TypeError(
-            f"an argument of the loss is a {name} array but the operator uses {bk.name}; "
-            f"pass {bk.name} or numpy arrays (for a torch DataLoader feeding JAX, convert "
-            "each batch to numpy)"
-        )
-    return x
+    return dev, bk.dtype(names.pop())

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _pytree
-from ._errors import ShapeError, unknown
+from ._errors import ShapeError
 from ._hessian import canonical_mode
-from ._transforms import check_scalar, native, native_args, resolve_backend, transforms_for
+from ._inputs import native, native_args
+from ._loss import check_scalar
+from .backends import resolve_backend
 
 #: the modes :func:`hvp` accepts (aliases "fwd-rev", "rev-fwd", "rev-rev" too)
 HVP_MODES = ("auto", "forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
@@ -69,55 +71,61 @@ def hvp(
     >>> torch.autograd.grad(Hv.sum(), a)[0]               # d/da sum(6 a w) = 18
     tensor(18.)
     """
-    name = canonical_mode(mode)
-    if name not in HVP_MODES:
-        raise unknown("mode", mode, list(HVP_MODES) + ["fwd-rev", "rev-fwd", "rev-rev"])
+    name = canonical_mode(mode, HVP_MODES)
     p_leaves, spec = _pytree.flatten(params)
-    tr = transforms_for(resolve_backend(backend, p_leaves, v, args))
-    p_leaves = [native(tr, p, f"parameter leaf {i}") for i, p in enumerate(p_leaves)]
-    xp = tr.xp
-    v_leaves, flat = _direction(tr, spec, p_leaves, v)
-    args = native_args(tr, args, p_leaves[0])
+    bk = resolve_backend(backend, p_leaves, v, args)
+    tr = bk.transforms
+    p_leaves = [native(bk, p, f"parameter leaf {i}") for i, p in enumerate(p_leaves)]
+    xp = bk.xp
+    v_leaves, flat = _direction(bk, spec, p_leaves, v)
+    args = native_args(bk, args, p_leaves[0])
     if name == "auto":
-        name = "forward-over-reverse" if tr.name == "jax" else "reverse-over-reverse"
+        name = bk.auto_mode
 
     def loss(leaves: list[Any]) -> Any:
-        return check_scalar(f(_pytree.unflatten(spec, list(leaves)), *args), "f")
+        return check_scalar(f(_pytree.unflatten(spec, list(leaves)), *args), "f", bk)
 
     with tr.context():
-        if name == "forward-over-reverse":
-            out = tr.jvp(tr.grad(loss), p_leaves, v_leaves)[1]
-        elif name == "reverse-over-forward":
-            out = tr.grad(lambda L: tr.jvp(loss, L, v_leaves)[1])(p_leaves)
-        else:
+        try:
+            if name == "forward-over-reverse":
+                out = tr.jvp(tr.grad(loss), p_leaves, v_leaves)[1]
+            elif name == "reverse-over-forward":
+                out = tr.grad(lambda L: tr.jvp(loss, L, v_leaves)[1])(p_leaves)
+            else:
 
-            def directional(L: list[Any]) -> Any:
-                g = tr.grad(loss)(L)
-                return sum(xp.sum(gi * vi) for gi, vi in zip(g, v_leaves))
+                def directional(L: list[Any]) -> Any:
+                    g = tr.grad(loss)(L)
+                    return sum(xp.sum(gi * vi) for gi, vi in zip(g, v_leaves))
 
-            out = tr.grad(directional)(p_leaves)
+                out = tr.grad(directional)(p_leaves)
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            translated = tr.translate_error(err, name)
+            if translated is err:
+                raise
+            raise translated from err
     out = list(out)
     if flat:
         return xp.concat([xp.reshape(o, (-1,)) for o in out])
     return _pytree.unflatten(spec, out)
 
 
-def _direction(tr: Any, spec: _pytree.TreeSpec, p_leaves: list[Any], v: Any) -> tuple[list, bool]:
+def _direction(bk: Any, spec: _pytree.TreeSpec, p_leaves: list[Any], v: Any) -> tuple[list, bool]:
     """``v`` as leaves shaped and typed like the parameters, and whether it was flat."""
-    ok, leaves = _pytree.same_structure(spec, v)
-    flat = False
-    if not ok:
-        shape = tuple(getattr(v, "shape", (None, None)))
+    shape = tuple(getattr(v, "shape", (None, None)))
+    flat = _pytree.is_array(v) and len(shape) == 1 and spec.root is not None
+    flat = flat or (_pytree.is_array(v) and spec.root is None and shape != spec.shapes[0])
+    if flat:
         if len(shape) != 1 or shape[0] != spec.size:
             raise ShapeError(
                 f"v must be shaped like params (a {spec.describe()}) or be a flat vector of "
-                f"length {spec.size}; got "
-                + (f"shape {shape}" if hasattr(v, "shape") else type(v).__name__)
+                f"length {spec.size}; got shape {shape}"
             )
-        v = native(tr, v, "v", like=p_leaves[0])
-        leaves, flat = _pytree.unravel(tr.xp, spec, v), True
+        v = native(bk, v, "v", like=p_leaves[0])
+        leaves = _pytree.unravel(bk.xp, spec, v)
+    else:
+        leaves = _pytree.leaves_like(spec, v, "v")
     out = []
     for i, (vi, p) in enumerate(zip(leaves, p_leaves)):
-        vi = native(tr, vi, f"leaf {i} of v", like=p)
-        out.append(vi if vi.dtype == p.dtype else tr.xp.astype(vi, p.dtype))
+        vi = native(bk, vi, f"leaf {i} of v", like=p)
+        out.append(vi if vi.dtype == p.dtype else bk.xp.astype(vi, p.dtype))
     return out, flat

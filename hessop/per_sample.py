@@ -26,17 +26,12 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _pytree
+from . import _checks, _pytree
 from ._errors import ForwardModeUnsupportedError, ShapeError, unknown
-from ._hessian import _collect_arrays, map_arrays
-from ._transforms import (
-    Transforms,
-    check_scalar,
-    native,
-    native_args,
-    resolve_backend,
-    transforms_for,
-)
+from ._inputs import native, native_args
+from ._loss import check_scalar
+from ._pytree import collect_arrays, map_arrays
+from .backends import resolve_backend
 
 __all__ = ["per_sample_hessians", "per_sample_gradients", "jacobian", "JACOBIAN_MODES"]
 
@@ -49,8 +44,7 @@ def _split_args(
     args: tuple[Any, ...], in_axes: Sequence[int | None] | None, size: int
 ) -> tuple[list[Any], list[int | None]]:
     """The array leaves of ``args`` and, for each, 0 (mapped) or None (broadcast)."""
-    leaves: list[Any] = []
-    _collect_arrays(args, leaves)
+    leaves = collect_arrays(args)
     if in_axes is None:
         axes = [0 if len(x.shape) >= 1 and int(x.shape[0]) == size else None for x in leaves]
         return leaves, axes
@@ -63,8 +57,7 @@ def _split_args(
     for j, (arg, ax) in enumerate(zip(args, in_axes)):
         if ax not in (0, None):
             raise ValueError(f"in_axes[{j}] must be 0 (map) or None (broadcast), got {ax!r}")
-        sub: list[Any] = []
-        _collect_arrays(arg, sub)
+        sub = collect_arrays(arg)
         if ax == 0 and not sub:
             raise ShapeError(
                 f"argument {j} is mapped (in_axes[{j}]=0) but holds no array; use in_axes[{j}]=None"
@@ -106,11 +99,7 @@ def _batch_size(x: Any, what: str = "x") -> int:
 
 
 def _check_chunk(chunk_size: int | None) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+    return _checks.optional_integer(chunk_size, "chunk_size", minimum=1)
 
 
 # --- per-sample Hessians -------------------------------------------------------------------
@@ -178,23 +167,25 @@ def per_sample_hessians(
     tensor([[1.2500, 1.5000],
             [1.5000, 5.0000]], dtype=torch.float64)
     """
-    tr = transforms_for(resolve_backend(backend, x, args))
-    x = native(tr, x, "x")
+    bk = resolve_backend(backend, x, args)
+    tr = bk.transforms
+    x = native(bk, x, "x")
     size = _batch_size(x)
     shape = tuple(int(s) for s in x.shape[1:])
     m = math.prod(shape)
-    args = native_args(tr, args, x)
+    args = native_args(bk, args, x)
     leaves, axes = _split_args(args, in_axes, size)
     chunk = _check_chunk(chunk_size)
     call = _per_sample_call(f, args, leaves, axes)
     n_mapped = sum(a == 0 for a in axes)
-    xp = tr.xp
+    xp = bk.xp
 
     def one(xi: Any, *mapped_i: Any) -> Any:
         return check_scalar(
             call(xp.reshape(xi, shape), *mapped_i),
             f"f (called on one sample x[i] of shape {shape}; for a vector-valued f use "
             "hessop.jacobian)",
+            bk,
         )
 
     in_axes_ = (0,) * (1 + n_mapped)
@@ -261,12 +252,13 @@ def per_sample_gradients(
             [0., 1., 1.]])
     """
     p_leaves, spec = _pytree.flatten(params)
-    tr = transforms_for(resolve_backend(backend, p_leaves, x, args))
-    p_leaves = [native(tr, p, f"parameter leaf {i}") for i, p in enumerate(p_leaves)]
+    bk = resolve_backend(backend, p_leaves, x, args)
+    tr = bk.transforms
+    p_leaves = [native(bk, p, f"parameter leaf {i}") for i, p in enumerate(p_leaves)]
     # numpy floating data takes the parameters' dtype, as the extra arguments do
-    x = native(tr, x, "x", floating=False, like=p_leaves[0])
+    x = native(bk, x, "x", floating=False, like=p_leaves[0])
     size = _batch_size(x)
-    args = native_args(tr, args, p_leaves[0])
+    args = native_args(bk, args, p_leaves[0])
     leaves, axes = _split_args(args, in_axes, size)
     chunk = _check_chunk(chunk_size)
     call = _per_sample_call(f, args, leaves, axes)
@@ -275,7 +267,7 @@ def per_sample_gradients(
 
     def one(p: list[Any], xi: Any, *mapped_i: Any) -> Any:
         out = call(_pytree.unflatten(spec, list(p)), xi, *mapped_i)
-        return check_scalar(out, "f (called on one sample x[i])")
+        return check_scalar(out, "f (called on one sample x[i])", bk)
 
     def kernel(X: Any, *M: Any) -> Any:
         grads = tr.vmap(tr.grad(one), in_axes=(None, 0) + (0,) * n_mapped)(p_leaves, X, *M)
@@ -330,9 +322,10 @@ def jacobian(
     """
     if mode not in JACOBIAN_MODES:
         raise unknown("mode", mode, JACOBIAN_MODES)
-    tr = transforms_for(resolve_backend(backend, x, args))
-    x = native(tr, x, "x")
-    args = native_args(tr, args, x)
+    bk = resolve_backend(backend, x, args)
+    tr = bk.transforms
+    x = native(bk, x, "x")
+    args = native_args(bk, args, x)
 
     def fn(z: Any) -> Any:
         out = f(z, *args)
@@ -341,24 +334,30 @@ def jacobian(
                 f"f must return one array, got {type(out).__name__}; stack the outputs "
                 "into one array (or call jacobian once per output)"
             )
-        tr.bk.check_floating(out.dtype, "the output of f")
+        bk.check_floating(out.dtype, "the output of f")
         return out
 
     with tr.context():
         if mode == "auto":
-            mode = "forward" if math.prod(x.shape) <= _output_size(tr, fn, x) else "reverse"
+            out_size = math.prod(tr.output_shape(fn, x))
+            mode = "forward" if math.prod(x.shape) <= out_size else "reverse"
             if mode == "forward":
                 try:
                     return tr.jacfwd(fn)(x)
                 except (RuntimeError, NotImplementedError) as err:
-                    if not tr.forward_mode_error(err):
+                    if not isinstance(
+                        tr.translate_error(err, "forward-over-reverse"),
+                        ForwardModeUnsupportedError,
+                    ):
                         raise
                     mode = "reverse"
         if mode == "forward":
             try:
                 return tr.jacfwd(fn)(x)
             except (RuntimeError, NotImplementedError) as err:
-                if tr.forward_mode_error(err):
+                if isinstance(
+                    tr.translate_error(err, "forward-over-reverse"), ForwardModeUnsupportedError
+                ):
                     raise ForwardModeUnsupportedError(
                         "mode='forward' needs forward-mode AD, which an operation in f does "
                         f"not support ({str(err).strip().splitlines()[0]}); use "
@@ -366,14 +365,3 @@ def jacobian(
                     ) from err
                 raise
         return tr.jacrev(fn)(x)
-
-
-def _output_size(tr: Transforms, fn: Callable[[Any], Any], x: Any) -> int:
-    if tr.name == "jax":
-        import jax
-
-        return math.prod(jax.eval_shape(fn, x).shape)
-    import torch
-
-    with torch.no_grad():  # only the shape is needed: keep no graph
-        return math.prod(fn(x).shape)

@@ -223,7 +223,7 @@ def jax_worker(out: str) -> None:
     one = hessop.hessian(mlp_loss, params, data=batches, backend="jax")
     res["one_device"] = one.device == devices[0]
     res["op_devices"] = len(H.device.device_set)
-    args = next(iter(H.problem.batches()))[0]
+    args = H.batches.first()
     res["batch_devices"] = len(args[0].sharding.device_set)
     res["batch_spec"] = str(args[0].sharding.spec)
     d = H.shape[0]
@@ -239,7 +239,9 @@ def jax_worker(out: str) -> None:
     res["hv_one"], res["hV_one"] = one @ v, one @ V
     res["loss_one"], res["grad_one"] = one.loss_and_gradient()
     # XLA, not hessop, reduces over the devices: the compiled product holds an all-reduce
-    hlo = H._hvp.lower(H._p, H.problem.reducer.replicate(v), args).compile().as_text()
+    hlo = (
+        H._kernel.fns.hvp.lower(H._point, H.batches.reducer.replicate(v), args).compile().as_text()
+    )
     res["hlo_all_reduce"] = "all-reduce" in hlo
     res["w_devices"] = len(H.ravel(params).sharding.device_set)
     res["dense"] = jax.jit(jax.hessian(flat_loss))(flat_point(params), X, Y)

@@ -51,9 +51,9 @@ def test_first_product_is_plain_second_builds_the_linear_map():
     rng = np.random.default_rng(1)
     vs = [jnp.asarray(rng.standard_normal(H.shape[0])) for _ in range(3)]
     np.testing.assert_allclose(H @ vs[0], ref @ vs[0], rtol=1e-10, atol=1e-12)
-    assert H._lin is None  # a one-off product writes no linear map out
+    assert H._linearization is None  # a one-off product writes no linear map out
     np.testing.assert_allclose(H @ vs[1], ref @ vs[1], rtol=1e-10, atol=1e-12)
-    assert H._lin is not None
+    assert H._linearization is not None
     np.testing.assert_allclose(H @ vs[2], ref @ vs[2], rtol=1e-10, atol=1e-12)
 
 
@@ -63,7 +63,7 @@ def test_cpu_matmat_loops_columns_and_matches_dense(mode, cache):
     params, X, y = problem(seed=2)
     ref = dense_reference(params, X, y)
     H = hessop.hessian(loss, params, X, y, mode=mode, cache=cache)
-    assert H._loop_columns  # the test machine's JAX runs on CPU
+    assert H._kernel.loop_columns  # the test machine's JAX runs on CPU
     V = np.random.default_rng(3).standard_normal((H.shape[0], 5))
     rtol = 1e-5 if mode == "fd" else 1e-10
     for _ in range(2):  # before and after the linear map exists
@@ -78,7 +78,7 @@ def test_vmapped_matmat_still_matches_dense():
     ref = dense_reference(params, X, y)
     for mode in ("fwd-rev", "rev-rev"):
         H = hessop.hessian(loss, params, X, y, mode=mode, chunk_size=2)
-        H._loop_columns = False
+        H._kernel.loop_columns = False
         V = np.random.default_rng(5).standard_normal((H.shape[0], 3))
         np.testing.assert_allclose(H @ jnp.asarray(V), ref @ V, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(H @ jnp.asarray(V), ref @ V, rtol=1e-10, atol=1e-12)
@@ -91,7 +91,7 @@ def test_compile_reports_its_one_time_cost_once():
     params, X, y = problem(seed=6)
     H = hessop.hessian(fresh_loss, params, X, y, compile=True)
     assert H.compile_time is not None and H.compile_time > 0
-    assert H._lin is not None  # the warm-up built the operator's own linear map
+    assert H._linearization is not None  # the warm-up built the operator's own linear map
     # a new point: the compilations are shared, so nothing is compiled again
     params2, _, _ = problem(seed=7)
     H2 = hessop.hessian(fresh_loss, params2, X, y, compile=True)

@@ -176,9 +176,13 @@ def test_dropout_in_training_mode_is_refused_with_the_fix():
         assert "model.eval()" in msg and "allow_randomness='fixed-seed'" in msg
     with pytest.raises(hessop.RandomnessError, match=r"attn \(MultiheadAttention, p=0.1\)"):
         hessop.model_hessian(mha, loss, (x[:2, None].expand(2, 3, 3)[..., [0, 1, 2, 0]], y[:2]))
-    # F.dropout in a custom forward is caught by watching torch's generator
-    with pytest.raises(hessop.RandomnessError, match="drew random numbers"):
-        hessop.model_hessian(fdrop, loss, (x, y))
+    # F.dropout in a custom forward is caught by watching torch's generator on the first
+    # evaluation (the first product or gradient), before any result is returned
+    H = hessop.model_hessian(fdrop, loss, (x, y))
+    with pytest.raises(hessop.RandomnessError, match="drew from the global random generator"):
+        H @ torch.ones(H.shape[0], dtype=torch.float64)
+    with pytest.raises(hessop.RandomnessError, match="drew from the global random generator"):
+        hessop.model_hessian(fdrop, loss, (x, y)).gradient()
     assert_same_state(before, model_state(model))
     assert same_rng_states(rngs, rng_states())
 

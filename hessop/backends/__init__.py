@@ -17,13 +17,23 @@ Examples
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
 from .._errors import BackendNotAvailableError, unknown
+from .._pytree import collect_arrays
 from ._base import Backend
 
-__all__ = ["Backend", "get_backend", "register_backend", "available_backends", "infer_backend"]
+__all__ = [
+    "Backend",
+    "available_backends",
+    "framework_of_object",
+    "get_backend",
+    "infer_backend",
+    "register_backend",
+    "resolve_backend",
+]
 
 # name -> (module path or loader, predicate telling whether an array belongs to it, extra)
 _REGISTRY: dict[str, tuple[str | Callable[[], Backend], Callable[[Any], bool], str]] = {}
@@ -77,17 +87,26 @@ def register_backend(
 
 
 register_backend("numpy", "hessop.backends._numpy", _module_is("numpy"), extra="")
-register_backend("torch", "hessop.backends._torch", _module_is("torch"), extra="torch")
-register_backend("jax", "hessop.backends._jax", _module_is("jax", "jaxlib"), extra="jax")
+register_backend("torch", "hessop.backends.torch", _module_is("torch"), extra="torch")
+register_backend("jax", "hessop.backends.jax", _module_is("jax", "jaxlib"), extra="jax")
 
 
-def available_backends() -> list[str]:
-    """Names of the registered backends (installed or not).
+def available_backends(installed: bool = False) -> list[str]:
+    """Names of the registered backends; with ``installed=True`` only those whose framework
+    is installed (found without importing it).
 
-    >>> "numpy" in available_backends()
-    True
+    >>> "numpy" in available_backends(), "numpy" in available_backends(installed=True)
+    (True, True)
     """
-    return list(_REGISTRY)
+    if not installed:
+        return list(_REGISTRY)
+    out = []
+    for name, (loader, _, _) in _REGISTRY.items():
+        if name in _LOADED or callable(loader):
+            out.append(name)
+        elif importlib.util.find_spec(name if name in ("torch", "jax") else "numpy") is not None:
+            out.append(name)
+    return out
 
 
 def _load(name: str) -> Backend:
@@ -136,3 +155,56 @@ def get_backend(name_or_array: Any) -> Backend:
             "torch or JAX array, or name the backend explicitly"
         )
     return _load(name)
+
+
+def resolve_backend(backend: str | None, *trees: Any, differentiable: bool = True) -> Backend:
+    """The backend a call computes with: ``backend`` when given, else the one framework of
+    the arrays in ``trees`` (numpy arrays say nothing), else the only installed framework.
+
+    >>> import numpy as np
+    >>> resolve_backend("numpy", np.ones(2), differentiable=False).name
+    'numpy'
+    """
+    if backend is not None:
+        bk = get_backend(backend)
+    else:
+        names = {infer_backend(x) for x in collect_arrays(trees)} - {"numpy", None}
+        if len(names) > 1:
+            raise TypeError(
+                f"the arrays mix frameworks ({sorted(names)}); use arrays of one framework"
+            )
+        if not names:
+            names = {n for n in available_backends(installed=True) if _autodiff(n)}
+            if len(names) != 1:
+                raise TypeError(
+                    "cannot infer the backend from numpy arrays (or no arrays) with "
+                    f"{sorted(names) or 'no framework'} installed; pass backend='torch' or "
+                    "backend='jax'"
+                )
+        bk = get_backend(names.pop())
+    if differentiable and not bk.differentiable:
+        raise TypeError(
+            f"the {bk.name!r} backend cannot differentiate; pass backend='torch' or backend='jax'"
+        )
+    return bk
+
+
+def _autodiff(name: str) -> bool:
+    # Registered autodiff frameworks, decided without importing them.
+    return name != "numpy"
+
+
+def framework_of_object(obj: Any) -> str | None:
+    """The registered framework whose classes ``obj``'s class derives from (an
+    ``nn.Module`` subclass defined anywhere is torch's), found without importing it."""
+    for cls in type(obj).__mro__:
+        name = (getattr(cls, "__module__", "") or "").split(".")[0]
+        if name in _REGISTRY and name != "numpy":
+            return name
+    return None
+
+
+def watch_framework_object(watch: Any, obj: Any, label: str) -> bool:
+    """Let the framework that defines ``obj``'s class record its state in ``watch``."""
+    name = framework_of_object(obj)
+    return name is not None and get_backend(name).watch_object(watch, obj, label)

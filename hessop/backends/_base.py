@@ -1,7 +1,23 @@
-"""What every backend provides: one framework's arrays, devices and (optionally) AD."""
+"""The interface a framework implements: arrays, state, and the per-batch derivatives.
+
+hessop's framework-neutral core (operators, streaming, algorithms, model adapters) talks to
+a framework only through the three classes here:
+
+* :class:`Backend` — the framework's arrays (conversion, devices, dtypes), its global state
+  (random generators, in-place mutation fingerprints), and factories for the pieces below;
+* :class:`CurvatureKernel` — the products of one curvature matrix (a Hessian in one AD
+  mode, a GGN) of one loss, on one batch at a time;
+* :class:`Transforms` — ``grad`` / ``jvp`` / ``vjp`` / ``vmap`` / Jacobians, for the functional
+  helpers (:func:`hessop.hvp`, per-sample quantities, Jacobians, the empirical Fisher).
+
+Adding a framework means subclassing these in a sub-package of ``hessop.backends`` and
+registering it (:func:`hessop.backends.register_backend`); see ``docs/architecture.md``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -11,12 +27,31 @@ import numpy as np
 from .._errors import DeviceError, DTypeError
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """How an operator wants its kernel: where, and with which guarantees."""
+
+    #: the native device of the point and the vectors
+    device: Any = None
+    #: keep products differentiable with respect to the loss's arguments and closure
+    differentiable: bool = False
+    #: compile the product ahead of the first use (``compile=True``)
+    compile: bool = False
+    #: whether the operator will keep a linearization between products (one batch)
+    cache: bool = True
+    #: columns per batched call in ``hmm`` (None: all at once)
+    chunk_size: int | None = None
+    #: the key under which compiled functions may be shared between operators
+    #: (see :mod:`hessop._sharing`); None: compile for this operator only
+    share_key: Any = None
+
+
 class Backend:
     """One array framework as hessop sees it.
 
     Array-only backends (numpy) implement the array methods; autodiff backends (torch, JAX)
-    also implement :meth:`hessian_operator`. A third framework is added by subclassing this
-    and calling :func:`hessop.backends.register_backend`.
+    also implement the factories at the end (:meth:`hessian_kernel`, :attr:`transforms`,
+    ...).
     """
 
     name: str = "?"
@@ -24,6 +59,12 @@ class Backend:
     xp: Any = None
     #: True when the backend implements automatic differentiation
     differentiable: bool = False
+    #: the AD mode ``mode="auto"`` means (and with ``compile=True``)
+    auto_mode: str = "reverse-over-reverse"
+    auto_compiled_mode: str = "reverse-over-forward"
+    #: the modes ``compile=True`` can compile, and whether compiled products keep graphs
+    compilable_modes: tuple[str, ...] = ()
+    compiled_products_differentiable: bool = False
 
     # --- arrays ---------------------------------------------------------------------------
     def owns(self, x: Any) -> bool:
@@ -44,7 +85,8 @@ class Backend:
         return None
 
     def resolve_device(self, device: Any) -> Any:
-        """Turn a user's ``device=`` (string or native) into the native device object."""
+        """Turn a user's ``device=`` (string or native) into the native device object;
+        :class:`~hessop.DeviceError` when there is no such device."""
         return device
 
     def dtype(self, dtype: Any) -> Any:
@@ -87,9 +129,184 @@ class Backend:
                 f"move it first (e.g. x.to({str(device)!r}) in torch, jax.device_put in JAX)."
             )
 
-    # --- autodiff -------------------------------------------------------------------------
-    def hessian_operator(self, problem: Any, mode: str, **options: Any) -> Any:
+    # --- state: what hessop must notice or leave as it was --------------------------------
+    def fingerprint(self, x: Any) -> Any:
+        """A cheap summary of a mutable array's contents that changes when they change
+        (None for immutable arrays, whose identity says everything)."""
+        return None
+
+    def memory_key(self, x: Any) -> Any:
+        """What identifies the memory a mutable array views (None: nothing to share), so
+        that two views of the same memory are fingerprinted once."""
+        return None
+
+    def is_tracer(self, x: Any) -> bool:
+        """Whether ``x`` is an abstract value inside a transformation (never shared)."""
+        return False
+
+    def watch_object(self, watch: Any, obj: Any, label: str) -> bool:
+        """Record in ``watch`` (a :class:`hessop._state.StateWatch`) the state of a
+        framework object the loss reads (an ``nn.Module``); False when ``obj`` is not one."""
+        return False
+
+    def rng_state(self) -> Any:
+        """The framework's global random state, comparable with ``==`` (None: none)."""
+        return None
+
+    def rng_moved(self, state: Any) -> bool:
+        """Whether the global random state moved since :meth:`rng_state` returned ``state``."""
+        return False
+
+    def restore_rng_state(self, state: Any) -> None:
+        """Put back a state returned by :meth:`rng_state`."""
+
+    def first_call_checks(self) -> Any:
+        """A context for the loss's first evaluations that raises
+        :class:`~hessop.LossError` when the loss takes a Python number out of an array it
+        differentiates (``.item()``)."""
+        return contextlib.nullcontext()
+
+    def rng_scope(self, device: Any = None, seed: int | None = None) -> Any:
+        """A context that restores the framework's global generators on exit and, with a
+        ``seed``, seeds them on entry."""
+        return contextlib.nullcontext()
+
+    # --- automatic differentiation --------------------------------------------------------
+    def hessian_kernel(self, loss: Any, mode: str, options: KernelOptions) -> CurvatureKernel:
+        """The Hessian :class:`CurvatureKernel` of ``loss`` (a :class:`hessop._loss.Loss`) in a
+        canonical ``mode`` (never ``"auto"``, ``"dense"`` or ``"finite-difference"``, which
+        the core composes from the kernel's products)."""
         raise NotImplementedError(f"the {self.name!r} backend has no automatic differentiation")
+
+    @property
+    def transforms(self) -> Transforms:
+        raise NotImplementedError(f"the {self.name!r} backend has no automatic differentiation")
+
+    def reducer(self, process_group: Any) -> Any:
+        """The :class:`hessop.distributed.Reducer` for ``distributed=True``."""
+        from .._errors import DistributedError
+
+        raise DistributedError(f"distributed=True is not implemented for the {self.name!r} backend")
+
+    def module_model(self, model: Any, loss_fn: Any, **options: Any) -> Any:
+        """A model adapter for a framework module (an ``nn.Module``), or None if ``model``
+        is not one (then it must be a function ``apply(params, x)``)."""
+        return None
+
+    def ggn_kernel(self, model: Any, loss: Any, options: KernelOptions) -> CurvatureKernel:
+        """The generalized Gauss-Newton :class:`CurvatureKernel` of a model adapter."""
+        raise NotImplementedError(f"the {self.name!r} backend has no GGN product")
 
     def __repr__(self) -> str:
         return f"<hessop backend {self.name!r}>"
+
+
+class CurvatureKernel:
+    """The products of one curvature matrix (a Hessian in one AD mode, a GGN, a Fisher) of
+    one loss, on one batch at a time.
+
+    ``point`` is the tuple of parameter leaves (native arrays), ``args`` one batch's
+    arguments, vectors flat in hessop's layout and blocks ``(d, k)``. The core
+    (:class:`hessop._streamed.StreamedOperator`) owns the streaming and the caching policy:
+    a one-off product calls :meth:`product`; an operator's second product calls
+    :meth:`linearize`, which also returns the work that does not depend on the vector (a
+    kept gradient graph, a linearization, per-sample gradients), and later products
+    :meth:`apply` it.
+    """
+
+    #: whether :meth:`linearize` / :meth:`apply` exist
+    linearizable: bool = False
+
+    def product(self, point: tuple[Any, ...], args: tuple[Any, ...], V: Any) -> Any:
+        """The batch's matrix times a vector ``(d,)`` or a block ``(d, k)``."""
+        raise NotImplementedError
+
+    def linearize(self, point: tuple[Any, ...], args: tuple[Any, ...], V: Any) -> tuple[Any, Any]:
+        """``(product, cache)`` for a vector or a block ``V``."""
+        raise NotImplementedError
+
+    def apply(self, cache: Any, V: Any) -> Any:
+        """The product from a cache of :meth:`linearize` (vector or block)."""
+        raise NotImplementedError
+
+    def gradient(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[Any, Any]:
+        """``(loss, flat gradient)`` of the batch."""
+        raise NotImplementedError
+
+    def dense(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> Any:
+        """The ``(d, d)`` matrix of the batch (Hessian kernels)."""
+        raise NotImplementedError
+
+    def depends_on_point(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> bool:
+        """Whether the loss depends on the parameters at all (asked only when a product
+        came out exactly zero, to tell a loss that ignores them from a flat one)."""
+        return True
+
+    def warm_up(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> float:
+        """Compile everything a product will run, for this batch's shapes; return the
+        seconds it took (0.0 when nothing had to be compiled)."""
+        return 0.0
+
+    def share_as(self, key: Any) -> None:
+        """Offer this kernel's compiled functions under another share key (the state the
+        loss left behind after its own evaluation)."""
+
+
+class Transforms:
+    """vmap / grad / jvp / vjp / jacfwd / jacrev of one framework, plus array helpers."""
+
+    name = "?"
+    #: how :func:`hessop.per_sample_hessians` batches: "summed-gradient" or "vmap-hessian"
+    per_sample_hessian = "vmap-hessian"
+
+    def __init__(self, bk: Backend) -> None:
+        self.bk = bk
+        self.xp = bk.xp
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """The framework settings every transform runs under (restored on exit)."""
+        return contextlib.nullcontext()
+
+    def vmap(self, fn: Callable, in_axes: Any, randomness: str = "error") -> Callable:
+        raise NotImplementedError
+
+    def jit(self, fn: Callable) -> Callable:
+        """``fn`` compiled by the framework's tracing compiler where it has one."""
+        return fn
+
+    def grad(self, fn: Callable) -> Callable:
+        raise NotImplementedError
+
+    def jvp(self, fn: Callable, primal: Any, tangent: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def vjp(self, fn: Callable, primal: Any) -> tuple[Any, Callable]:
+        """``(fn(primal), pullback)``; ``pullback(cotangent)`` returns the primal's cotangent."""
+        raise NotImplementedError
+
+    def jacfwd(self, fn: Callable) -> Callable:
+        raise NotImplementedError
+
+    def jacrev(self, fn: Callable) -> Callable:
+        raise NotImplementedError
+
+    def eye(self, m: int, like: Any) -> Any:
+        """The ``(m, m)`` identity in ``like``'s dtype (and device)."""
+        raise NotImplementedError
+
+    def output_shape(self, fn: Callable[[Any], Any], x: Any) -> tuple[int, ...]:
+        """The shape of ``fn(x)``, computed as cheaply as the framework allows."""
+        raise NotImplementedError
+
+    def chunked(
+        self, kernel: Callable[..., Any], mapped: list[Any], size: int, chunk: int | None
+    ) -> Any:
+        """``kernel(*mapped)`` (a pytree of arrays with leading ``size``), ``chunk`` rows at a
+        time along the leading axis of every array in ``mapped``."""
+        raise NotImplementedError
+
+    def translate_error(self, err: Exception, mode: str) -> Exception:
+        """The hessop error for a framework error raised inside a transform (``err`` itself
+        when there is none): a missing forward-mode rule, a Python value taken from a traced
+        array (``.item()``)."""
+        return err

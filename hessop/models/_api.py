@@ -1,72 +1,115 @@
 """Model-level Hessians: :func:`model_hessian` and :func:`model_hvp`.
 
-Both turn a model and a loss into the scalar function ``f(params, x, y)`` that
-:func:`hessop.hessian` differentiates; the modes, the caching and the dataset streaming
-are the core's. :func:`prepare` is shared with :func:`hessop.model_ggn` and
+Both turn a model and a loss into the scalar function ``loss_fn(model(x), y)`` of the
+parameters and build its operator with the core's machinery (modes, caching, streaming,
+the snapshot contract). :func:`prepare` is shared with :func:`hessop.model_ggn` and
 :func:`hessop.model_fisher`.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from .. import _pytree
-from .._hessian import HessianOperator, _resolve_dtype, canonical_mode, hessian
-from ..backends import get_backend, infer_backend
-from ._data import Batches, as_pair, converter, is_array, is_single_batch
+from .. import _checks, _pytree
+from .._errors import LossError
+from .._hessian import (
+    HessianOperator,
+    _check_fixed_seed_mode,
+    build_hessian,
+    canonical_mode,
+    make_batches,
+    place,
+)
+from .._loss import Loss
+from .._state import StateWatch
+from .._streamed import REDUCTIONS, Batches
+from ..backends import Backend, framework_of_object, get_backend, resolve_backend
+from ._data import ModelBatches, as_pair, converter, is_single_batch
+from ._functional import FunctionalModel
 
-#: modes that keep a random loss deterministic under allow_randomness="fixed-seed": the
-#: others batch products with vmap, which refuses random operations
-_FIXED_SEED_MODES = ("auto", "reverse-over-reverse", "finite-difference")
+#: what ``loss_fn.reduction`` may say, and what it means for how batches combine
+_DECLARED = {"mean": "mean", "sum": "sum", "batchmean": "mean"}
 
 
-def is_torch_module(model: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
+@dataclass
+class Prepared:
+    """A model's loss, ready for an operator: the adapter, the checked loss of the
+    parameter leaves, the batches and the state to watch."""
+
+    model: Any
+    loss: Loss
+    leaves: list[Any]
+    batches: Batches
+    watch: StateWatch
+    backend: Backend
+    device: Any
 
 
-def _framework(model: Any, params: Any, data: Any, backend: str | None) -> str:
-    if is_torch_module(model):
-        if backend not in (None, "torch"):
+def _adapter(model, loss_fn, params, backend, dtype, device, allow_randomness, seed, data):
+    """The model adapter and its backend: a framework module (an ``nn.Module``) or a
+    function ``apply(params, x)`` with ``params=``."""
+    owner = framework_of_object(model)
+    if owner is not None:
+        if backend not in (None, owner):
             raise ValueError(
-                f"an nn.Module is a torch model, but backend={backend!r}; drop backend= or "
-                "pass backend='torch' (for JAX pass apply(params, x) and params=)"
+                f"the model is a {owner} module, but backend={backend!r}; drop backend= or "
+                f"pass backend={owner!r} (for a functional model pass apply(params, x) and "
+                "params=)"
             )
-        return "torch"
+        bk = get_backend(owner)
+        adapter = bk.module_model(
+            model,
+            loss_fn,
+            params=params,
+            dtype=dtype,
+            device=device,
+            allow_randomness=allow_randomness,
+            seed=seed,
+        )
+        if adapter is not None:
+            return adapter, bk, adapter.device
     if not callable(model):
         raise TypeError(
             "model must be a torch nn.Module or a function apply(params, x); got "
             f"{type(model).__name__}"
         )
-    if backend is not None:
-        return backend
-    if params is not None:
-        leaves, _ = _pytree.flatten(params)
-        names = {infer_backend(x) for x in leaves} - {"numpy", None}
-        if len(names) == 1:
-            return names.pop()
-    if is_single_batch(data):
-        arrays: list[Any] = []
-        _collect(data, arrays)
-        names = {infer_backend(x) for x in arrays} - {"numpy", None}
-        if len(names) == 1:
-            return names.pop()
-    raise TypeError(
-        "cannot infer the framework from numpy arrays; pass backend='jax' or backend='torch'"
-    )
+    if params is None:
+        FunctionalModel(model, loss_fn, params, None)  # raises the explanation
+    leaves, _ = _pytree.flatten(params)
+    bk = resolve_backend(backend, leaves, data if is_single_batch(data) else ())
+    dev, _ = place(bk, leaves, device, dtype)
+    return FunctionalModel(model, loss_fn, params, bk, dev), bk, dev
 
 
-def _collect(tree: Any, out: list[Any]) -> None:
-    if isinstance(tree, dict):
-        for v in tree.values():
-            _collect(v, out)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            _collect(v, out)
-    elif is_array(tree):
-        out.append(tree)
+def _reduction(loss_fn: Any, reduction: str | None) -> str:
+    """How batches combine: ``reduction`` if given, else what ``loss_fn`` declares."""
+    declared = getattr(loss_fn, "reduction", None)
+    if isinstance(declared, str):
+        if declared == "none":
+            raise LossError(
+                "loss_fn has reduction='none': it returns one loss per sample, but the "
+                "operator needs the batch's scalar loss; use reduction='mean' or 'sum' (for "
+                "per-sample curvature see hessop.model_fisher and hessop.per_sample_hessians)"
+            )
+        if declared in _DECLARED:
+            if reduction is None:
+                return _DECLARED[declared]
+            if reduction != _DECLARED[declared]:
+                raise ValueError(
+                    f"loss_fn reduces each batch with reduction={declared!r}, but "
+                    f"reduction={reduction!r} was passed: batches would be weighted for the "
+                    f"wrong loss. Drop reduction= (it is read from loss_fn), or pass "
+                    f"reduction={_DECLARED[declared]!r}"
+                )
+    if reduction is None:
+        return "mean"
+    if reduction not in REDUCTIONS:
+        from .._errors import unknown
+
+        raise unknown("reduction", reduction, REDUCTIONS)
+    return reduction
 
 
 def prepare(
@@ -80,90 +123,71 @@ def prepare(
     dtype: Any = None,
     device: Any = None,
     batch_size: Callable[..., int] | None = None,
-    reduction: str = "mean",
-    cache: bool | None = None,
+    reduction: str | None = None,
     allow_randomness: str | None = None,
     seed: int = 0,
-    own_norms: str | None = None,
-    **kw: Any,
-) -> tuple[Any, HessianOperator]:
-    """The model adapter and the :class:`HessianOperator` of ``loss_fn(model(x), y)``.
-
-    ``own_norms``: an AD mode whose normalization decompositions the adapter applies on
-    every forward pass, for products computed outside the Hessian's backend (GGN, Fisher);
-    the backend applies its own.
-    """
-    name = _framework(model, params, data, backend)
+    distributed: bool = False,
+    process_group: Any = None,
+) -> Prepared:
+    """Everything a model-level operator needs (see :class:`Prepared`)."""
     mode = canonical_mode(mode)
-    if name == "torch" and is_torch_module(model):
-        from ._torch_module import TorchModuleModel
-
-        adapter: Any = TorchModuleModel(
-            model, loss_fn, params, dtype, device, allow_randomness, seed
-        )
-        bk = get_backend("torch")
-        native_dtype, dev = adapter.dtype, adapter.device
-    else:
-        from ._functional import FunctionalModel
-
-        if allow_randomness is not None:
-            raise ValueError(
-                "allow_randomness= applies to torch nn.Modules; a functional model takes its "
-                "randomness (a PRNG key) explicitly, so fix the key instead"
-            )
-        bk = get_backend(name)
-        if params is None:
-            FunctionalModel(model, loss_fn, params, name)  # raises the explanation
-        leaves, _ = _pytree.flatten(params)
-        native_dtype = _resolve_dtype(bk, leaves, dtype)
-        if device is not None:
-            dev = bk.resolve_device(device)
-        else:
-            natives = [x for x in leaves if bk.owns(x)]
-            dev = bk.device_of(natives[0]) if natives else bk.default_device()
-        adapter = FunctionalModel(model, loss_fn, params, name, dev)
-    if allow_randomness is not None and kw.get("compile"):
-        raise ValueError(
-            "compile=True cannot be combined with allow_randomness: a compiled product "
-            "does not re-seed the generators per call; pass compile=False"
-        )
-    if allow_randomness == "fixed-seed" and mode not in _FIXED_SEED_MODES:
-        raise ValueError(
-            f"allow_randomness='fixed-seed' works with modes {_FIXED_SEED_MODES}, not "
-            f"{mode!r}: that mode batches products with vmap, which refuses random "
-            "operations; use mode='reverse-over-reverse' or call model.eval()"
-        )
-    if name == "torch" and own_norms is not None:
-        from ..backends._torch_norms import for_mode
-
-        adapter.norms = for_mode(own_norms)
+    reduction = _reduction(loss_fn, reduction)
+    distributed = _checks.flag(distributed, "distributed")
+    if batch_size is not None and not callable(batch_size):
+        raise TypeError("batch_size must be a function batch_size(x, y) -> int")
+    adapter, bk, dev = _adapter(
+        model, loss_fn, params, backend, dtype, device, allow_randomness, seed, data
+    )
+    leaves, spec = _pytree.flatten(adapter.params)
+    _, native_dtype = place(bk, leaves, dev, dtype)
+    leaves = [bk.stop_gradient(bk.asarray(x, dtype=native_dtype, device=dev)) for x in leaves]
     convert = converter(bk, native_dtype, dev)
     size = None if batch_size is None else (lambda args: batch_size(*args))
-    options = dict(
-        backend=name,
-        mode=mode,
-        device=dev,
-        dtype=native_dtype,
-        reduction=reduction,
-        batch_size=size,
-        cache=cache,
-        **kw,
-    )
-    if is_single_batch(data):
-        first = convert(as_pair(data))
-        H = hessian(adapter.loss, adapter.params, *first, **options)
+    if is_single_batch(data) and not distributed:
+        args, stream = convert(as_pair(data)), None
     else:
+        if is_single_batch(data):
+            data = [data]  # distributed: this process's one local batch
         if not isinstance(data, Iterable):
             raise TypeError(
                 "data must be one (x, y) batch or an iterable of (x, y) batches, got "
                 f"{type(data).__name__}"
             )
-        batches = Batches(data, convert, dev if name == "torch" else None)
-        first = batches.first()
-        H = hessian(adapter.loss, adapter.params, data=batches, **options)
-    if hasattr(adapter, "check_deterministic"):
-        adapter.check_deterministic(first)
-    return adapter, H
+        args, stream = (), ModelBatches(data, convert, bk, dev)
+        if not distributed:
+            stream.first()  # an empty iterable fails here, not at the first product
+    batches, leaves, dev = make_batches(
+        bk,
+        leaves,
+        dev,
+        native_dtype,
+        args=args,
+        data=stream,
+        reduction=reduction,
+        batch_size=size,
+        distributed=distributed,
+        process_group=process_group,
+    )
+    key = getattr(adapter, "key", None)
+    loss = Loss(
+        adapter.loss,
+        spec,
+        bk,
+        allow_randomness=allow_randomness,
+        seed=seed,
+        device=dev,
+        what="loss_fn(model(x), y)",
+        key=(key, reduction) if key is not None else None,
+    )
+    if loss.seed is not None:
+        _check_fixed_seed_mode(mode)
+    watch = StateWatch()
+    for name, x in zip(spec.paths, leaves):
+        watch.add_array(f"parameter {name}", x)
+    for i, x in enumerate(_pytree.collect_arrays(batches.args or ())):
+        watch.add_array(f"array {i} of the batch", x)
+    adapter.watch(watch)
+    return Prepared(adapter, loss, leaves, batches, watch, bk, dev)
 
 
 def model_hessian(
@@ -177,17 +201,20 @@ def model_hessian(
     dtype: Any = None,
     device: Any = None,
     batch_size: Callable[..., int] | None = None,
-    reduction: str = "mean",
+    reduction: str | None = None,
     cache: bool | None = None,
+    chunk_size: int | None = None,
+    compile: bool = False,
     allow_randomness: str | None = None,
     seed: int = 0,
-    **kw: Any,
+    distributed: bool = False,
+    process_group: Any = None,
 ) -> HessianOperator:
     """The Hessian of a model's loss with respect to its parameters, as an operator.
 
     The loss is ``loss_fn(model(x), y)``; the operator is a :class:`hessop.HessianOperator`
     (every mode, ``matvec``/``matmat``/``to_dense``/``to_scipy``/``ravel``/``unravel``,
-    ``loss_and_gradient()``), built by :func:`hessop.hessian`.
+    ``loss_and_gradient()``), built by the machinery of :func:`hessop.hessian`.
 
     Parameters
     ----------
@@ -196,8 +223,7 @@ def model_hessian(
         parameter pytree) together with ``params=``.
     loss_fn :
         ``loss_fn(output, target) -> scalar``: a loss module (``nn.CrossEntropyLoss()``) or
-        a function (``optax``-style in JAX). With ``reduction="mean"`` it must return the
-        batch mean, with ``"sum"`` the batch sum.
+        a function (``optax``-style in JAX).
     data :
         One batch ``(x, y)`` (a tuple or list of two items whose first item is an array or
         a dict of arrays), or an iterable of such batches (a list of pairs, a
@@ -225,30 +251,32 @@ def model_hessian(
         ``batch_size(x, y) -> int``, the size that weighs a batch of ``data``. By default
         it is the leading dimension of the first array in ``x`` (for a dict, its first
         entry in insertion order), else of ``y``.
-    reduction : {"mean", "sum"}
+    reduction : {"mean", "sum"}, optional
         How batches combine: the size-weighted mean ``sum_b n_b L_b / sum_b n_b`` of batch
-        means, or the plain sum of batch sums.
-    cache : bool, optional
-        As in :func:`hessop.hessian` (default: on for one batch, off for a dataset).
+        means, or the plain sum of batch sums. Default: what ``loss_fn.reduction`` says
+        (torch loss modules), else ``"mean"``; a value that contradicts
+        ``loss_fn.reduction`` is an error.
+    cache, chunk_size, compile, distributed, process_group :
+        As in :func:`hessop.hessian` (``cache`` defaults to on for one batch, off for a
+        dataset).
     allow_randomness : {None, "fixed-seed"}
         A loss that draws random numbers (dropout in training mode) has no Hessian and is
         refused, naming the module. ``"fixed-seed"`` makes it deterministic instead:
-        every evaluation seeds torch's generator with ``seed`` in a forked RNG scope, so
-        every product sees the same dropout mask (modes ``auto``, ``reverse-over-reverse``
-        and ``finite-difference``).
+        every evaluation seeds the global generators with ``seed`` in a scope that
+        restores them, so every product sees the same dropout mask (modes ``auto``,
+        ``reverse-over-reverse`` and ``finite-difference``).
     seed : int
         The seed of ``allow_randomness="fixed-seed"``.
-    **kw :
-        Passed to :func:`hessop.hessian` (``chunk_size``).
 
     Notes
     -----
-    Nothing about the model changes: the operator works on a snapshot of the parameters
-    taken at construction (through ``torch.func.functional_call``), BatchNorm in training
-    mode normalizes with batch statistics without updating its running statistics,
-    ``.grad`` is never written, ``model.training`` is left alone, and torch's, numpy's and
-    Python's global RNG states are restored after every evaluation. The operator uses the
-    model's train/eval flags as they are when a product runs.
+    Nothing about the model changes: BatchNorm in training mode normalizes with batch
+    statistics without updating its running statistics, ``.grad`` is never written,
+    ``model.training`` is left alone, and the global RNG states are left as they were.
+    The operator is the Hessian of the model **as it was when the operator was built**:
+    its parameters, buffers and train/eval flags are not copied but watched, and every use
+    after any of them changed (an optimizer step, ``model.eval()``) raises
+    :class:`~hessop.StaleOperatorError`; build a new operator instead.
 
     Examples
     --------
@@ -269,7 +297,13 @@ def model_hessian(
     >>> torch.allclose(H @ v, Hd @ v)
     True
     """
-    return prepare(
+    compile = _checks.flag(compile, "compile")
+    if allow_randomness is not None and compile:
+        raise ValueError(
+            "compile=True cannot be combined with allow_randomness: a compiled product "
+            "does not re-seed the generators per call; pass compile=False"
+        )
+    p = prepare(
         model,
         loss_fn,
         data,
@@ -280,11 +314,24 @@ def model_hessian(
         device=device,
         batch_size=batch_size,
         reduction=reduction,
-        cache=cache,
         allow_randomness=allow_randomness,
         seed=seed,
-        **kw,
-    )[1]
+        distributed=distributed,
+        process_group=process_group,
+    )
+    return build_hessian(
+        p.loss,
+        p.leaves,
+        p.batches,
+        p.watch,
+        backend=p.backend,
+        device=p.device,
+        mode=canonical_mode(mode),
+        cache=None if cache is None else _checks.flag(cache, "cache"),
+        chunk_size=_checks.optional_integer(chunk_size, "chunk_size", minimum=1),
+        compile=compile,
+        differentiable=False,
+    )
 
 
 def model_hvp(
@@ -320,20 +367,18 @@ def model_hvp(
     """
     kw.setdefault("cache", False)  # one product: do not keep the graph alive
     H = model_hessian(model, loss_fn, (x, y), params=params, backend=backend, mode=mode, **kw)
-    bk = get_backend(H.backend)
     d = H.shape[0]
-    if bk.owns(v) and len(v.shape) == 1 and v.shape[0] == d:
+    if H._bk.owns(v) and len(v.shape) == 1 and v.shape[0] == d:
         return H @ v
-    spec = H.problem.spec
-    ok, _ = _pytree.same_structure(spec, v)
-    if not ok and isinstance(v, (list, tuple)) and isinstance(H.params, dict):
+    spec = H.spec
+    if isinstance(v, (list, tuple)) and isinstance(H.params, dict) and spec.root is not None:
         if len(v) != spec.num_leaves:
             raise ValueError(
                 f"v has {len(v)} entries but {spec.num_leaves} parameters are selected"
             )
         out = H.unravel(H @ H.ravel(dict(zip(H.params, v))))
         return type(v)(out.values())
-    if not ok and not isinstance(v, (dict, list, tuple)) and hasattr(v, "shape"):
+    if not isinstance(v, (dict, list, tuple)) and hasattr(v, "shape"):
         raise ValueError(
             f"v has shape {tuple(v.shape)}; pass a flat vector of length {d} or a "
             f"params-shaped pytree ({spec.describe()})"

@@ -20,13 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from .. import _rng
 from .._errors import EmptyDataError
-from .._hessian import map_arrays
-from ._rng import preserve_rng
-
-
-def is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
+from .._pytree import is_array, map_arrays, tree_map
 
 
 def is_single_batch(data: Any) -> bool:
@@ -61,7 +57,7 @@ def as_pair(item: Any) -> tuple[Any, Any]:
     )
 
 
-class Batches:
+class ModelBatches:
     """A re-iterable view of the user's batches as converted ``(x, y)`` tuples.
 
     Iterating it iterates ``data`` once with the global RNG states preserved (a shuffling
@@ -69,8 +65,10 @@ class Batches:
     same order and the user's generators are left as they were.
     """
 
-    def __init__(self, data: Iterable[Any], convert: Callable[[Any], Any], device: Any = None):
-        with preserve_rng(device):  # a DataLoader's iterator draws its base seed
+    def __init__(
+        self, data: Iterable[Any], convert: Callable[[Any], Any], backend: Any, device: Any = None
+    ) -> None:
+        with _rng.preserve(backend, device):  # a DataLoader's iterator draws its base seed
             one_shot = iter(data) is data
         if one_shot:
             raise TypeError(
@@ -81,10 +79,10 @@ class Batches:
             )
         if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
             raise EmptyDataError("data= is empty; pass at least one batch")
-        self.data, self.convert, self.device = data, convert, device
+        self.data, self.convert, self.backend, self.device = data, convert, backend, device
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        with preserve_rng(self.device):
+        with _rng.preserve(self.backend, self.device):
             for item in self.data:
                 yield self.convert(as_pair(item))
 
@@ -115,17 +113,6 @@ def converter(bk: Any, dtype: Any, device: Any) -> Callable[[Any], Any]:
         return map_arrays(one, batch)
 
     return convert
-
-
-def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
-    """Map ``fn`` over the leaves of nested dicts/lists/tuples (``rest`` shaped alike)."""
-    if isinstance(tree, Mapping):
-        return type(tree)((k, tree_map(fn, v, *(r[k] for r in rest))) for k, v in tree.items())
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(tree_map(fn, *vs) for vs in zip(tree, *rest)))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(tree_map(fn, *vs) for vs in zip(tree, *rest))
-    return fn(tree, *rest)
 
 
 def batch_axes(args: Any, n: int) -> Any:
