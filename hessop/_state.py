@@ -152,9 +152,7 @@ class StateWatch:
             return
         if is_array(value) and _is_tracer(value):
             self.shareable = False
-        (self._bindings if refresh else self._held).append(
-            _Binding(label, read, value, self._memo)
-        )
+        (self._bindings if refresh else self._held).append(_Binding(label, read, value, self._memo))
 
     # --- checking -------------------------------------------------------------------------
     def check(self) -> None:
