@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,11 @@ import jax.numpy as jnp
 from ..._errors import LossError
 from ..._pytree import tree_map
 from .._base import Transforms
+
+# A linear map (a jax.tree_util.Partial or VJP object, both pytrees) applied by a compiled
+# call, compiled once per map structure and vector shape.
+_apply = jax.jit(lambda lin, v: lin(v))
+_apply_first = jax.jit(lambda pull, v: pull(v)[0])
 
 
 class JaxTransforms(Transforms):
@@ -32,7 +38,15 @@ class JaxTransforms(Transforms):
         out, pull = jax.vjp(fn, primal)
         return out, lambda ct: pull(ct)[0]
 
-    def jacfwd(self, fn: Callable) -> Callable:
+    def linearize(self, fn: Callable, primal: Any) -> Callable:
+        lin = jax.linearize(fn, primal)[1]
+        return functools.partial(_apply, lin)
+
+    def pullback(self, fn: Callable, primal: Any) -> Callable:
+        pull = jax.vjp(fn, primal)[1]
+        return functools.partial(_apply_first, pull)
+
+    def jacfwd(self, fn: Callable, randomness: str = "error") -> Callable:
         return jax.jacfwd(fn)
 
     def jacrev(self, fn: Callable) -> Callable:
@@ -41,8 +55,9 @@ class JaxTransforms(Transforms):
     def eye(self, m: int, like: Any) -> Any:
         return jnp.eye(m, dtype=like.dtype)
 
-    def output_shape(self, fn: Callable[[Any], Any], x: Any) -> tuple[int, ...]:
-        return tuple(jax.eval_shape(fn, x).shape)
+    def output_spec(self, fn: Callable[[Any], Any], x: Any) -> tuple[tuple[int, ...], Any]:
+        out = jax.eval_shape(fn, x)
+        return tuple(out.shape), out.dtype
 
     def chunked(self, kernel, mapped, size, chunk):
         if chunk is None or chunk >= size:

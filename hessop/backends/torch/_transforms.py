@@ -18,14 +18,21 @@ class TorchTransforms(Transforms):
     name = "torch"
     # vmap(jacfwd(jacrev(f))) is 5-10x slower than the summed-gradient trick in torch 2.x
     per_sample_hessian = "summed-gradient"
+    # vmap(jacfwd(f)) is 10-60x slower than one batched JVP per input coordinate; for
+    # jacrev, vmap is as fast as the summed trick (benchmarks/per_sample.py)
+    per_sample_jacfwd = "summed-output"
+    # reverse mode only (every op has a double backward) and 1.3-1.5x faster than
+    # jacfwd(jacrev(f)) (benchmarks/per_sample.py)
+    output_hessian = "reverse-over-reverse"
 
     @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
+    def context(self, graph: bool = True) -> Iterator[None]:
         # The math attention kernel (the fused ones have no forward-mode or double-backward
         # derivatives) and the forward-mode lock, but the *caller's* grad mode: torch.func
         # differentiates inside either way, and the outer mode decides only whether results
         # keep a graph to the inputs.
-        with autodiff_context("forward-over-reverse", grad=None):
+        outer = contextlib.nullcontext() if graph else torch.no_grad()
+        with autodiff_context("forward-over-reverse", grad=None), outer:
             yield
 
     def vmap(self, fn: Callable, in_axes: Any, randomness: str = "error") -> Callable:
@@ -41,8 +48,8 @@ class TorchTransforms(Transforms):
         out, pull = torch.func.vjp(fn, primal)
         return out, lambda ct: pull(ct)[0]
 
-    def jacfwd(self, fn: Callable) -> Callable:
-        return torch.func.jacfwd(fn)
+    def jacfwd(self, fn: Callable, randomness: str = "error") -> Callable:
+        return torch.func.jacfwd(fn, randomness=randomness)
 
     def jacrev(self, fn: Callable) -> Callable:
         return torch.func.jacrev(fn)
@@ -50,9 +57,10 @@ class TorchTransforms(Transforms):
     def eye(self, m: int, like: Any) -> Any:
         return torch.eye(m, dtype=like.dtype, device=like.device)
 
-    def output_shape(self, fn: Callable[[Any], Any], x: Any) -> tuple[int, ...]:
-        with torch.no_grad():  # only the shape is needed: keep no graph
-            return tuple(fn(x).shape)
+    def output_spec(self, fn: Callable[[Any], Any], x: Any) -> tuple[tuple[int, ...], Any]:
+        with torch.no_grad():  # only the shape and dtype are needed: keep no graph
+            out = fn(x)
+        return tuple(out.shape), out.dtype
 
     def chunked(self, kernel, mapped, size, chunk):
         if chunk is None or chunk >= size:

@@ -1,0 +1,290 @@
+"""The Jacobian of a vector-valued function of the parameters as a matrix-free operator.
+
+:func:`jacobian_operator` wraps ``f(params, *args) -> array`` at one point as an ``(m, d)``
+:class:`JacobianOperator`: ``J @ v`` is a Jacobian-vector product (forward mode), ``u @ J``
+and ``J.T @ u`` are vector-Jacobian products (reverse mode), and blocks of vectors are one
+vmapped call. Composed with the operator algebra, ``J.T @ J`` is a Gauss-Newton matrix,
+``J @ J.T`` an empirical neural tangent kernel, and ``J.to_scipy()`` runs in
+``scipy.sparse.linalg.svds``.
+
+Like the Hessian operator it is the Jacobian at the state it was built in (the snapshot
+contract of :mod:`hessop._state`): the point, the arguments and what ``f`` reads from
+outside them are watched, not copied, and a later change raises
+:class:`~hessop.StaleOperatorError`. The work that does not depend on the vector is kept
+from the first product of each kind (``cache=True``): the pullback of ``f`` (what the
+forward pass saved) for reverse products, and in JAX the linearization for forward ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import _checks, _pytree, _rng
+from ._errors import DTypeError, RandomnessError
+from ._hessian import place
+from ._inputs import convert_arg
+from ._operator import LinearOperator
+from ._state import StateWatch
+from ._streamed import PointLayout
+from .backends import Backend, resolve_backend
+from .jacobians import output_array, translated
+
+__all__ = ["JacobianOperator", "jacobian_operator"]
+
+#: the first products are checked for random draws (a random f has no fixed Jacobian)
+_CHECKED_USES = 2
+
+
+class JacobianOperator(PointLayout, LinearOperator):
+    """The Jacobian ``J = df/dparams`` of a vector-valued function at a point, ``(m, d)``.
+
+    Not built directly: use :func:`jacobian_operator`. Inputs of ``J @ v`` are flat in the
+    layout of the parameters (:meth:`ravel` / :meth:`unravel`); outputs are the raveled
+    outputs of ``f`` (reshape with :attr:`output_shape`).
+
+    Attributes
+    ----------
+    output_shape : tuple of int
+        The shape of ``f(params, *args)``; ``m`` is its size.
+    cache : bool
+        Whether the pullback (and, in JAX, the linearization) is kept between products.
+    chunk_size : int or None
+        Columns per vmapped call in ``matmat`` / ``rmatmat``.
+
+    Examples
+    --------
+    >>> import numpy as np, torch, hessop
+    >>> f = lambda p, x: torch.tanh(x @ p["w"]) + p["b"]   # outputs (1, 2)
+    >>> p = {"w": np.zeros((3, 2)), "b": np.zeros(2)}
+    >>> J = hessop.jacobian_operator(f, p, np.array([[1.0, 2.0, 3.0]]), backend="torch")
+    >>> J.shape, J.output_shape
+    ((2, 8), (1, 2))
+    >>> J @ J.ravel({"w": np.ones((3, 2)), "b": np.zeros(2)})   # tanh'(0) x @ 1 = 6
+    tensor([6., 6.], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], Any],
+        leaves: list[Any],
+        spec: _pytree.TreeSpec,
+        output_shape: tuple[int, ...],
+        *,
+        backend: Backend,
+        device: Any,
+        watch: StateWatch,
+        cache: bool,
+        chunk_size: int | None,
+    ) -> None:
+        m = math.prod(output_shape)
+        super().__init__((m, spec.size), leaves[0].dtype, backend, device, symmetric=False)
+        self._fn, self._leaves, self._point, self.spec = fn, leaves, list(leaves), spec
+        self.output_shape = tuple(output_shape)
+        self.watch, self.cache, self.chunk_size = watch, cache, chunk_size
+        self._tr = backend.transforms
+        self._maps: dict[str, Callable[[Any], Any]] = {}  # "jvp" / "vjp", kept with cache
+        self._lock = threading.Lock()
+        self._uses = 0
+
+    # --- the two linear maps --------------------------------------------------------------
+    def _push(self) -> Callable[[Any], Any]:
+        """``tangent leaves -> J tangent`` (output-shaped)."""
+        tr, fn, point = self._tr, self._fn, self._point
+        if not self.cache:
+            return lambda t: tr.jvp(fn, point, t)[1]
+        return self._kept("jvp", lambda: tr.linearize(fn, point))
+
+    def _pull(self) -> Callable[[Any], Any]:
+        """``output-shaped cotangent -> J^T cotangent`` (parameter leaves)."""
+        tr, fn, point = self._tr, self._fn, self._point
+        if not self.cache:
+            return tr.vjp(fn, point)[1]
+        return self._kept("vjp", lambda: tr.pullback(fn, point))
+
+    def _kept(self, kind: str, make: Callable[[], Callable[[Any], Any]]) -> Callable[[Any], Any]:
+        with self._lock:
+            if kind not in self._maps:
+                self._maps[kind] = make()
+            return self._maps[kind]
+
+    def _use(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` after the state check, in the framework's context, with the first
+        uses checked for random draws."""
+        self.watch.check()
+        tr = self._tr
+        checked = self._uses < _CHECKED_USES
+        guard = _rng.refuse_draws(self._bk, _random_f) if checked else contextlib.nullcontext()
+        with tr.context(graph=False), translated(tr), guard:
+            out = compute()
+        self._uses += 1
+        self.watch.after_use()
+        return out
+
+    # --- products -------------------------------------------------------------------------
+    def _matvec(self, v: Any) -> Any:
+        xp, spec = self.xp, self.spec
+
+        def compute() -> Any:
+            return xp.reshape(self._push()(_pytree.unravel(xp, spec, v)), (-1,))
+
+        return self._use(compute)
+
+    def _rmatvec(self, u: Any) -> Any:
+        xp, spec = self.xp, self.spec
+
+        def compute() -> Any:
+            return _pytree.ravel(xp, spec, list(self._pull()(xp.reshape(u, self.output_shape))))
+
+        return self._use(compute)
+
+    def _matmat(self, V: Any) -> Any:
+        xp, spec, tr = self.xp, self.spec, self._tr
+
+        def block(W: Any) -> Any:
+            out = tr.vmap(self._push(), in_axes=0)(_pytree.split_columns(xp, spec, W))
+            return xp.permute_dims(xp.reshape(out, (W.shape[1], -1)), (1, 0))
+
+        return self._use(lambda: self._columns(block, V))
+
+    def _rmatmat(self, U: Any) -> Any:
+        xp, tr = self.xp, self._tr
+
+        def block(W: Any) -> Any:
+            C = xp.reshape(xp.permute_dims(W, (1, 0)), (W.shape[1], *self.output_shape))
+            return _pytree.join_columns(xp, list(tr.vmap(self._pull(), in_axes=0)(C)))
+
+        return self._use(lambda: self._columns(block, U))
+
+    def _columns(self, block: Callable[[Any], Any], V: Any) -> Any:
+        step = self.chunk_size or V.shape[1]
+        if step >= V.shape[1]:
+            return block(V)
+        return self.xp.concat([block(V[:, j : j + step]) for j in range(0, V.shape[1], step)], 1)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f" output_shape={self.output_shape}>"
+
+
+def _random_f(which: str) -> RandomnessError:
+    return RandomnessError(
+        f"f draws random numbers (from {which} global generator: dropout in training mode, "
+        "torch.randn, np.random, ...), so every product would be the Jacobian of another "
+        "function. Make f deterministic (model.eval()), or draw the random numbers once "
+        "outside f and pass them in as an argument"
+    )
+
+
+def jacobian_operator(
+    f: Callable[..., Any],
+    params: Any,
+    *args: Any,
+    backend: str | None = None,
+    device: Any = None,
+    dtype: Any = None,
+    cache: bool = True,
+    chunk_size: int | None = None,
+) -> JacobianOperator:
+    """The Jacobian of ``f(params, *args)`` with respect to ``params``, as an operator.
+
+    ``J`` has shape ``(m, d)``: ``m`` the size of ``f``'s output (any shape, raveled), ``d``
+    the number of parameters in hessop's flat layout. ``J @ v`` costs one Jacobian-vector
+    product (forward mode), ``u @ J`` and ``J.T @ u`` one vector-Jacobian product (reverse
+    mode); ``J @ V`` and ``J.T @ U`` with ``k`` columns are one vmapped call. So
+
+    * ``J.T @ J`` is the Gauss-Newton matrix of ``0.5 * |f|^2`` (positive semi-definite),
+    * ``J @ J.T`` the empirical neural tangent kernel of the outputs,
+    * ``scipy.sparse.linalg.svds(J.to_scipy(), k)`` its top singular triplets,
+
+    without ever forming ``J``.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(params, *args) -> array``, floating point, in the parameters' dtype.
+    params :
+        The point: an array or a pytree (dict / list / tuple) of arrays, numpy or native.
+    *args :
+        Extra arguments of ``f``, not differentiated (numpy floating arrays are converted
+        to the operator's dtype and device).
+    backend : {"torch", "jax"}, optional
+        Inferred from the arrays when omitted (numpy arrays alone need it).
+    device, dtype : optional
+        As in :func:`hessop.hessian`.
+    cache : bool
+        Keep the work that does not depend on the vector from the first product of each
+        kind: the pullback (the forward pass's saved values) for ``u @ J``, and in JAX the
+        linearization for ``J @ v`` (torch recomputes JVPs: ``torch.func.linearize`` costs
+        tens of gradients to set up). Costs the memory of one forward pass; ``False``
+        recomputes every product.
+    chunk_size : int, optional
+        Columns per vmapped call in ``matmat`` / ``rmatmat`` (bounds memory).
+
+    Notes
+    -----
+    The operator is the Jacobian at the state it was built in; changing the point, the
+    arguments or what ``f`` reads in place afterwards makes every later use raise
+    :class:`~hessop.StaleOperatorError`. Products keep no autograd graph. An ``f`` that
+    draws random numbers (dropout in training mode) has no fixed Jacobian and is refused
+    with :class:`~hessop.RandomnessError`.
+
+    Examples
+    --------
+    >>> import torch, hessop
+    >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> residuals = lambda w, X: torch.sin(X @ w)          # m = 3 outputs, d = 2
+    >>> J = hessop.jacobian_operator(residuals, torch.zeros(2, dtype=torch.float64), X)
+    >>> J.shape                                            # cos(0) = 1: J = X
+    (3, 2)
+    >>> (J.T @ J).to_dense()                               # Gauss-Newton: X^T X
+    tensor([[3., 3.],
+            [3., 5.]], dtype=torch.float64)
+    """
+    if not callable(f):
+        raise TypeError(f"f must be a function f(params, *args) -> array, got {type(f).__name__}")
+    cache = _checks.flag(cache, "cache")
+    chunk_size = _checks.optional_integer(chunk_size, "chunk_size", minimum=1)
+    leaves, spec = _pytree.flatten(params)
+    bk = resolve_backend(backend, leaves, args)
+    dev, dt = place(bk, leaves, device, dtype)
+    # numpy leaves are copied (the caller may change them unseen); native ones are watched
+    leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
+    leaves = [bk.stop_gradient(bk.asarray(x, dtype=dt, device=dev)) for x in leaves]
+    args = tuple(_pytree.map_arrays(lambda a: convert_arg(bk, a, dt, dev), args))
+    watch = StateWatch()
+    for path, x in zip(spec.paths, leaves):
+        watch.add_array(f"parameter leaf {path or 0}", x)
+    for i, x in enumerate(_pytree.collect_arrays(args)):
+        if bk.owns(x):
+            bk.check_device(x, dev, "an argument of f")
+        watch.add_array(f"array {i} of the arguments", x)
+    watch.add_function(f, "f")
+
+    def fn(point: list[Any]) -> Any:
+        return output_array(bk, f(_pytree.unflatten(spec, list(point)), *args))
+
+    tr = bk.transforms
+    with tr.context(graph=False), translated(tr), _rng.refuse_draws(bk, _random_f):
+        shape, out_dtype = tr.output_spec(fn, leaves)
+    if bk.dtype_name(out_dtype) != bk.dtype_name(dt):
+        raise DTypeError(
+            f"f returns {bk.dtype_name(out_dtype)} at {bk.dtype_name(dt)} parameters; the "
+            "Jacobian operator maps vectors of one dtype: compute f in the parameters' dtype "
+            "(or pass dtype= to convert the parameters)"
+        )
+    return JacobianOperator(
+        fn,
+        leaves,
+        spec,
+        shape,
+        backend=bk,
+        device=dev,
+        watch=watch,
+        cache=cache,
+        chunk_size=chunk_size,
+    )
