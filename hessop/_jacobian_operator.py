@@ -21,6 +21,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from ._errors import DTypeError, RandomnessError
 from ._hessian import place
 from ._inputs import convert_arg
 from ._operator import LinearOperator
+from ._sharing import SharedFunctions, ShareKey
 from ._state import StateWatch
 from ._streamed import PointLayout
 from .backends import Backend, resolve_backend
@@ -39,6 +41,8 @@ __all__ = ["JacobianOperator", "jacobian_operator"]
 
 #: the first products are checked for random draws (a random f has no fixed Jacobian)
 _CHECKED_USES = 2
+#: compiled products, shared by the operators of one function (see hessop._sharing)
+_SHARED = SharedFunctions(maxsize=16)
 
 
 class JacobianOperator(PointLayout, LinearOperator):
@@ -71,8 +75,9 @@ class JacobianOperator(PointLayout, LinearOperator):
 
     def __init__(
         self,
-        fn: Callable[[list[Any]], Any],
+        fns: Any,
         leaves: list[Any],
+        args: tuple[Any, ...],
         spec: _pytree.TreeSpec,
         output_shape: tuple[int, ...],
         *,
@@ -84,91 +89,102 @@ class JacobianOperator(PointLayout, LinearOperator):
     ) -> None:
         m = math.prod(output_shape)
         super().__init__((m, spec.size), leaves[0].dtype, backend, device, symmetric=False)
-        self._fn, self._leaves, self._point, self.spec = fn, leaves, list(leaves), spec
-        self.output_shape = tuple(output_shape)
+        self._fns, self._leaves, self._point, self._args = fns, leaves, list(leaves), args
+        self.spec, self.output_shape = spec, tuple(output_shape)
         self.watch, self.cache, self.chunk_size = watch, cache, chunk_size
-        self._tr = backend.transforms
-        self._maps: dict[str, Callable[[Any], Any]] = {}  # "jvp" / "vjp", kept with cache
+        self._maps: dict[str, Any] = {}  # "jvp" / "vjp": the kept linear maps (cache)
         self._lock = threading.Lock()
         self._uses = 0
 
-    # --- the two linear maps --------------------------------------------------------------
-    def _push(self) -> Callable[[Any], Any]:
-        """``tangent leaves -> J tangent`` (output-shaped)."""
-        tr, fn, point = self._tr, self._fn, self._point
-        if not self.cache:
-            return lambda t: tr.jvp(fn, point, t)[1]
-        return self._kept("jvp", lambda: tr.linearize(fn, point))
-
-    def _pull(self) -> Callable[[Any], Any]:
-        """``output-shaped cotangent -> J^T cotangent`` (parameter leaves)."""
-        tr, fn, point = self._tr, self._fn, self._point
-        if not self.cache:
-            return tr.vjp(fn, point)[1]
-        return self._kept("vjp", lambda: tr.pullback(fn, point))
-
-    def _kept(self, kind: str, make: Callable[[], Callable[[Any], Any]]) -> Callable[[Any], Any]:
-        with self._lock:
-            if kind not in self._maps:
-                self._maps[kind] = make()
-            return self._maps[kind]
-
-    def _use(self, compute: Callable[[], Any]) -> Any:
-        """``compute()`` after the state check, in the framework's context, with the first
-        uses checked for random draws."""
+    def _product(self, kind: str, V: Any) -> Any:
+        """``J V`` (kind "jvp") or ``J^T V`` ("vjp") for a vector or a block ``V``, after
+        the state check, with the first uses checked for random draws."""
         self.watch.check()
-        tr = self._tr
+        tr = self._bk.transforms
         checked = self._uses < _CHECKED_USES
         guard = _rng.refuse_draws(self._bk, _random_f) if checked else contextlib.nullcontext()
         with tr.context(graph=False), translated(tr), guard:
-            out = compute()
+            if V.ndim == 1:
+                out = self._apply(kind, V)
+            else:
+                step = self.chunk_size or V.shape[1]
+                blocks = [self._apply(kind, V[:, j : j + step]) for j in range(0, V.shape[1], step)]
+                out = blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
         self._uses += 1
         self.watch.after_use()
         return out
 
-    # --- products -------------------------------------------------------------------------
+    def _apply(self, kind: str, V: Any) -> Any:
+        fns, xp, block = self._fns, self.xp, "_mat" if V.ndim == 2 else ""
+        if kind == "vjp":  # cotangents shaped like the output (a block: one per row)
+            shape = self.output_shape if V.ndim == 1 else (V.shape[1], *self.output_shape)
+            V = xp.reshape(V if V.ndim == 1 else xp.permute_dims(V, (1, 0)), shape)
+        if not self.cache:  # everything from the point, every time
+            return getattr(fns, kind + block)(self._point, self._args, V)
+        with self._lock:
+            if kind not in self._maps:
+                make = fns.linearize if kind == "jvp" else fns.pullback
+                self._maps[kind] = make(self._point, self._args)
+            kept = self._maps[kind]
+        return getattr(fns, ("push" if kind == "jvp" else "pull") + block)(kept, V)
+
     def _matvec(self, v: Any) -> Any:
-        xp, spec = self.xp, self.spec
-
-        def compute() -> Any:
-            return xp.reshape(self._push()(_pytree.unravel(xp, spec, v)), (-1,))
-
-        return self._use(compute)
-
-    def _rmatvec(self, u: Any) -> Any:
-        xp, spec = self.xp, self.spec
-
-        def compute() -> Any:
-            return _pytree.ravel(xp, spec, list(self._pull()(xp.reshape(u, self.output_shape))))
-
-        return self._use(compute)
+        return self._product("jvp", v)
 
     def _matmat(self, V: Any) -> Any:
-        xp, spec, tr = self.xp, self.spec, self._tr
+        return self._product("jvp", V)
 
-        def block(W: Any) -> Any:
-            out = tr.vmap(self._push(), in_axes=0)(_pytree.split_columns(xp, spec, W))
-            return xp.permute_dims(xp.reshape(out, (W.shape[1], -1)), (1, 0))
-
-        return self._use(lambda: self._columns(block, V))
+    def _rmatvec(self, u: Any) -> Any:
+        return self._product("vjp", u)
 
     def _rmatmat(self, U: Any) -> Any:
-        xp, tr = self.xp, self._tr
-
-        def block(W: Any) -> Any:
-            C = xp.reshape(xp.permute_dims(W, (1, 0)), (W.shape[1], *self.output_shape))
-            return _pytree.join_columns(xp, list(tr.vmap(self._pull(), in_axes=0)(C)))
-
-        return self._use(lambda: self._columns(block, U))
-
-    def _columns(self, block: Callable[[Any], Any], V: Any) -> Any:
-        step = self.chunk_size or V.shape[1]
-        if step >= V.shape[1]:
-            return block(V)
-        return self.xp.concat([block(V[:, j : j + step]) for j in range(0, V.shape[1], step)], 1)
+        return self._product("vjp", U)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f" output_shape={self.output_shape}>"
+
+
+def _functions(bk: Backend, f: Callable[..., Any], spec: _pytree.TreeSpec) -> SimpleNamespace:
+    """The products of ``f`` as functions of the point's leaves, the arguments and a flat
+    vector (or a block), compiled by ``Transforms.jit`` where it compiles, so that the
+    operators of one ``f`` share them. Cotangents come shaped like the output (a block
+    ``(k, *output_shape)``); results are flat (a block ``(n, k)``)."""
+    tr, xp = bk.transforms, bk.xp
+
+    def fn(args: tuple[Any, ...]) -> Callable[[list[Any]], Any]:
+        return lambda point: output_array(bk, f(_pytree.unflatten(spec, list(point)), *args))
+
+    def push(lin: Callable[[Any], Any], v: Any) -> Any:
+        return xp.reshape(lin(_pytree.unravel(xp, spec, v)), (-1,))
+
+    def pull(pb: Callable[[Any], Any], c: Any) -> Any:
+        return _pytree.ravel(xp, spec, list(pb(c)))
+
+    def jvp(point: list[Any], args: tuple[Any, ...], v: Any) -> Any:
+        return push(lambda t: tr.jvp(fn(args), point, t)[1], v)
+
+    def vjp(point: list[Any], args: tuple[Any, ...], c: Any) -> Any:
+        return pull(tr.vjp(fn(args), point)[1], c)
+
+    def columns(product: Callable[..., Any], axes: tuple[Any, ...]) -> Callable[..., Any]:
+        batched = tr.vmap(product, in_axes=axes)
+        return lambda *a: xp.permute_dims(batched(*a), (1, 0))
+
+    def vjp_mat(point: list[Any], args: tuple[Any, ...], C: Any) -> Any:
+        return columns(pull, (None, 0))(tr.vjp(fn(args), point)[1], C)  # one forward pass
+
+    return SimpleNamespace(
+        jvp=tr.jit(jvp),
+        vjp=tr.jit(vjp),
+        jvp_mat=tr.jit(columns(jvp, (None, None, 1))),
+        vjp_mat=tr.jit(vjp_mat),
+        linearize=tr.jit(lambda point, args: tr.linearize(fn(args), point)),
+        pullback=tr.jit(lambda point, args: tr.pullback(fn(args), point)),
+        push=tr.jit(push),
+        pull=tr.jit(pull),
+        push_mat=tr.jit(columns(push, (None, 1))),
+        pull_mat=tr.jit(columns(pull, (None, 0))),
+    )
 
 
 def _random_f(which: str) -> RandomnessError:
@@ -229,7 +245,10 @@ def jacobian_operator(
     -----
     The operator is the Jacobian at the state it was built in; changing the point, the
     arguments or what ``f`` reads in place afterwards makes every later use raise
-    :class:`~hessop.StaleOperatorError`. Products keep no autograd graph. An ``f`` that
+    :class:`~hessop.StaleOperatorError`. Products keep no autograd graph (torch), and the
+    point is a constant to ``jax.grad`` (JAX; the operator can be built and used inside
+    ``jax.jit``). In JAX the products are compiled once per ``f`` and shapes and shared by
+    the operators of that ``f``, as the Hessian's are. An ``f`` that
     draws random numbers (dropout in training mode) has no fixed Jacobian and is refused
     with :class:`~hessop.RandomnessError`.
 
@@ -265,10 +284,16 @@ def jacobian_operator(
         watch.add_array(f"array {i} of the arguments", x)
     watch.add_function(f, "f")
 
+    tr = bk.transforms
+    if tr.compiles and watch.shareable:  # (not inside a JAX transformation)
+        key = ShareKey(("jacobian", bk.name, f, spec, watch.key()), watch.kept())
+        fns = _SHARED.get(key, lambda: _functions(bk, f, spec))
+    else:
+        fns = _functions(bk, f, spec)
+
     def fn(point: list[Any]) -> Any:
         return output_array(bk, f(_pytree.unflatten(spec, list(point)), *args))
 
-    tr = bk.transforms
     with tr.context(graph=False), translated(tr), _rng.refuse_draws(bk, _random_f):
         shape, out_dtype = tr.output_spec(fn, leaves)
     if bk.dtype_name(out_dtype) != bk.dtype_name(dt):
@@ -278,8 +303,9 @@ def jacobian_operator(
             "(or pass dtype= to convert the parameters)"
         )
     return JacobianOperator(
-        fn,
+        fns,
         leaves,
+        args,
         spec,
         shape,
         backend=bk,

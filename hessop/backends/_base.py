@@ -256,6 +256,8 @@ class Transforms:
     """vmap / grad / jvp / vjp / jacfwd / jacrev of one framework, plus array helpers."""
 
     name = "?"
+    #: whether :meth:`jit` compiles (then compiled functions are worth sharing)
+    compiles = False
     #: how :func:`hessop.per_sample_hessians` batches: "summed-gradient" or "vmap-hessian"
     per_sample_hessian = "vmap-hessian"
     #: how :func:`hessop.per_sample_jacobians` batches each AD mode: "summed-output" (one
@@ -298,12 +300,14 @@ class Transforms:
     def linearize(self, fn: Callable, primal: Any) -> Callable:
         """The JVP map ``tangent -> J tangent`` of ``fn`` at ``primal``, for many
         applications: the work that does not depend on the tangent is done once where the
-        framework can (the default recomputes it per application)."""
+        framework can (the default recomputes it per application). Where :meth:`jit`
+        compiles, the map is a pytree that compiled functions take and return."""
         return lambda tangent: self.jvp(fn, primal, tangent)[1]
 
     def pullback(self, fn: Callable, primal: Any) -> Callable:
         """The VJP map ``cotangent -> J^T cotangent`` of ``fn`` at ``primal``, for many
-        applications (it keeps what the forward pass saved)."""
+        applications (it keeps what the forward pass saved); a pytree as in
+        :meth:`linearize`."""
         return self.vjp(fn, primal)[1]
 
     def jacfwd(self, fn: Callable, randomness: str = "error") -> Callable:

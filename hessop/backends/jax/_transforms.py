@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,14 +12,18 @@ from ..._errors import LossError
 from ..._pytree import tree_map
 from .._base import Transforms
 
-# A linear map (a jax.tree_util.Partial or VJP object, both pytrees) applied by a compiled
-# call, compiled once per map structure and vector shape.
-_apply = jax.jit(lambda lin, v: lin(v))
-_apply_first = jax.jit(lambda pull, v: pull(v)[0])
+
+def _apply(lin: Any, v: Any) -> Any:
+    return lin(v)
+
+
+def _apply_first(pull: Any, v: Any) -> Any:
+    return pull(v)[0]
 
 
 class JaxTransforms(Transforms):
     name = "jax"
+    compiles = True
 
     def vmap(self, fn: Callable, in_axes: Any, randomness: str = "error") -> Callable:
         return jax.vmap(fn, in_axes=in_axes)  # JAX has no hidden random state to check
@@ -38,13 +41,13 @@ class JaxTransforms(Transforms):
         out, pull = jax.vjp(fn, primal)
         return out, lambda ct: pull(ct)[0]
 
+    # Both maps are pytrees (a Partial of a module-level function, so that the tree
+    # structure is the same at every call of a compiled function returning one).
     def linearize(self, fn: Callable, primal: Any) -> Callable:
-        lin = jax.linearize(fn, primal)[1]
-        return functools.partial(_apply, lin)
+        return jax.tree_util.Partial(_apply, jax.linearize(fn, primal)[1])
 
     def pullback(self, fn: Callable, primal: Any) -> Callable:
-        pull = jax.vjp(fn, primal)[1]
-        return functools.partial(_apply_first, pull)
+        return jax.tree_util.Partial(_apply_first, jax.vjp(fn, primal)[1])
 
     def jacfwd(self, fn: Callable, randomness: str = "error") -> Callable:
         return jax.jacfwd(fn)
