@@ -7,6 +7,7 @@ after a manual seed), closed forms, and the other framework.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -541,15 +542,30 @@ def test_randomness_numpy_draws_refused_and_restored(backend):
 
 
 # --- benchmark smoke test -----------------------------------------------------------------
+def _run_benchmark(*flags: str) -> str:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "per_sample.py"), "--quick", "--no-jax", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_benchmark_quick_runs():
     pytest.importorskip("torch")
     t0 = time.perf_counter()
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "per_sample.py"), "--quick", "--no-jax"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "vmap" in out.stdout and "speedup" in out.stdout
+    stdout = _run_benchmark("--no-jacobians")
+    assert "vmap" in stdout and "speedup" in stdout
     assert time.perf_counter() - t0 < 30  # budget 15 s; slack for a loaded machine
+
+
+def test_benchmark_quick_jacobians_runs():
+    pytest.importorskip("torch")
+    stdout = _run_benchmark("--no-hessians", "--repeats", "1")
+    for row in ("hessop auto", "forward/summed-output", "reverse/vmap-jacobian",
+                "reverse-over-reverse"):  # fmt: skip
+        assert row in stdout
+    errors = [float(e) for e in re.findall(r"x  (\d\.\de[-+]\d+)", stdout)]
+    assert errors and max(errors) < 1e-5  # every strategy agrees with hessop's choice
