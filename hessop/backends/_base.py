@@ -265,9 +265,11 @@ class Transforms:
     #: jacrev); chosen by measurement (benchmarks/per_sample.py)
     per_sample_jacfwd = "vmap-jacobian"
     per_sample_jacrev = "vmap-jacobian"
-    #: how :func:`hessop.output_hessians` differentiates: "forward-over-reverse" (jacfwd of
-    #: jacrev) or "reverse-over-reverse" (a vmap over outputs of jacrev of a gradient)
-    output_hessian = "forward-over-reverse"
+    #: how :func:`hessop.output_hessians` differentiates: "reverse-over-reverse" (a vmap
+    #: over outputs of jacrev of a gradient) or "forward-over-reverse" (jacfwd of jacrev).
+    #: Reverse-over-reverse needs no forward-mode rule and ran faster in torch (1.2-1.5x)
+    #: and under jax.jit (1.4-3x; eager JAX within 1.3x either way; benchmarks/per_sample.py)
+    output_hessian = "reverse-over-reverse"
 
     def __init__(self, bk: Backend) -> None:
         self.bk = bk

@@ -18,12 +18,9 @@ class TorchTransforms(Transforms):
     name = "torch"
     # vmap(jacfwd(jacrev(f))) is 5-10x slower than the summed-gradient trick in torch 2.x
     per_sample_hessian = "summed-gradient"
-    # vmap(jacfwd(f)) is 10-60x slower than one batched JVP per input coordinate; for
-    # jacrev, vmap is as fast as the summed trick (benchmarks/per_sample.py)
+    # vmap(jacfwd(f)) is 7-30x slower than one batched JVP per input coordinate; for
+    # jacrev, vmap is as fast as the summed trick or up to 3x faster (benchmarks/per_sample.py)
     per_sample_jacfwd = "summed-output"
-    # reverse mode only (every op has a double backward) and 1.3-1.5x faster than
-    # jacfwd(jacrev(f)) (benchmarks/per_sample.py)
-    output_hessian = "reverse-over-reverse"
 
     @contextlib.contextmanager
     def context(self, graph: bool = True) -> Iterator[None]:
