@@ -12,7 +12,8 @@ contract of :mod:`hessop._state`): the point, the arguments and what ``f`` reads
 outside them are watched, not copied, and a later change raises
 :class:`~hessop.StaleOperatorError`. The work that does not depend on the vector is kept
 from the first product of each kind (``cache=True``): the pullback of ``f`` (what the
-forward pass saved) for reverse products, and in JAX the linearization for forward ones.
+forward pass saved) for reverse products, and for forward ones the linearization (JAX) or
+the graph of that pullback (torch: ``J v = d/du <J^T u, v>``, no forward mode needed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks, _pytree, _rng
-from ._errors import DTypeError, RandomnessError
+from ._errors import DTypeError, ForwardModeUnsupportedError, RandomnessError
 from ._hessian import place
 from ._inputs import convert_arg
 from ._operator import LinearOperator
@@ -57,7 +58,7 @@ class JacobianOperator(PointLayout, LinearOperator):
     output_shape : tuple of int
         The shape of ``f(params, *args)``; ``m`` is its size.
     cache : bool
-        Whether the pullback (and, in JAX, the linearization) is kept between products.
+        Whether the linear maps of the first products are kept for the later ones.
     chunk_size : int or None
         Columns per vmapped call in ``matmat`` / ``rmatmat``.
 
@@ -103,13 +104,24 @@ class JacobianOperator(PointLayout, LinearOperator):
         tr = self._bk.transforms
         checked = self._uses < _CHECKED_USES
         guard = _rng.refuse_draws(self._bk, _random_f) if checked else contextlib.nullcontext()
-        with tr.context(graph=False), translated(tr), guard:
-            if V.ndim == 1:
-                out = self._apply(kind, V)
-            else:
-                step = self.chunk_size or V.shape[1]
-                blocks = [self._apply(kind, V[:, j : j + step]) for j in range(0, V.shape[1], step)]
-                out = blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
+        mode = "forward-over-reverse" if kind == "jvp" else "reverse-over-reverse"
+        try:
+            with tr.context(graph=False), translated(tr, mode), guard:
+                if V.ndim == 1:
+                    out = self._apply(kind, V)
+                else:
+                    step = self.chunk_size or V.shape[1]
+                    parts = [
+                        self._apply(kind, V[:, j : j + step]) for j in range(0, V.shape[1], step)
+                    ]
+                    out = parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=1)
+        except ForwardModeUnsupportedError as err:
+            cause = err.__cause__ or err
+            raise ForwardModeUnsupportedError(
+                "J @ v with cache=False is a forward-mode product, and an operation in f has "
+                f"no forward-mode derivative ({str(cause).strip().splitlines()[0]}); pass "
+                "cache=True (torch then takes J @ v as two reverse passes)"
+            ) from cause
         self._uses += 1
         self.watch.after_use()
         return out
@@ -234,10 +246,11 @@ def jacobian_operator(
         As in :func:`hessop.hessian`.
     cache : bool
         Keep the work that does not depend on the vector from the first product of each
-        kind: the pullback (the forward pass's saved values) for ``u @ J``, and in JAX the
-        linearization for ``J @ v`` (torch recomputes JVPs: ``torch.func.linearize`` costs
-        tens of gradients to set up). Costs the memory of one forward pass; ``False``
-        recomputes every product.
+        kind: the pullback (the forward pass's saved values) for ``u @ J``, and for ``J @
+        v`` in JAX the linearization, in torch the graph of that pullback (``J v`` is then
+        one reverse pass through it, ``d/du <J^T u, v>``, about the cost of a forward pass
+        and without forward-mode AD). Costs the memory of the kept graphs; ``False``
+        recomputes every product (``J @ v`` then by forward mode).
     chunk_size : int, optional
         Columns per vmapped call in ``matmat`` / ``rmatmat`` (bounds memory).
 

@@ -219,3 +219,25 @@ def test_errors(backend):
         hessop.jacobian_operator(net, p, X, chunk_size=0)
     with pytest.raises(TypeError, match="cache"):
         hessop.jacobian_operator(net, p, X, cache="yes")
+
+
+def test_torch_op_without_forward_mode():
+    """grid_sample has no forward-mode rule: the kept pullback's graph gives J @ v anyway."""
+    torch = pytest.importorskip("torch")
+    grid = torch.tensor([[[[-0.3, 0.0], [0.45, 0.0], [0.9, 0.0]]]], dtype=torch.float64)
+
+    def f(w, s):
+        img = (w**2 * s).reshape(1, 1, 1, 4)
+        return torch.nn.functional.grid_sample(img, grid, align_corners=False).reshape(-1)
+
+    w, s = torch.tensor([0.5, -1.0, 2.0, 0.3], dtype=torch.float64), torch.tensor(1.5)
+    ref = torch.autograd.functional.jacobian(lambda z: f(z, s), w).numpy()
+    J = hessop.jacobian_operator(f, w, s)
+    V = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    np.testing.assert_allclose((J @ V[:, 0]).numpy(), ref @ V[:, 0].numpy(), rtol=1e-12)
+    np.testing.assert_allclose((J @ V).numpy(), ref @ V.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(J.to_dense().numpy(), ref, rtol=1e-12, atol=1e-14)
+    uncached = hessop.jacobian_operator(f, w, s, cache=False)
+    np.testing.assert_allclose(uncached.T.to_dense().numpy(), ref.T, rtol=1e-12, atol=1e-14)
+    with pytest.raises(hessop.ForwardModeUnsupportedError, match="cache=True"):
+        uncached @ V[:, 0]

@@ -102,7 +102,7 @@ def translate_error(err: Exception, mode: str) -> Exception:
     """The hessop error for a torch error raised while differentiating the loss."""
     msg = str(err)
     first = (msg.strip().splitlines() or [""])[0]
-    if "vmap" in msg and "random" in msg and "randomness" in msg:
+    if "vmap" in msg and "randomness" in msg:
         return RandomnessError(
             "the function draws random numbers (dropout in training mode, torch.randn, ...) "
             f"inside a vmap-batched computation ({first}), so it is not one fixed function "

@@ -45,6 +45,15 @@ class TorchTransforms(Transforms):
         out, pull = torch.func.vjp(fn, primal)
         return out, lambda ct: pull(ct)[0]
 
+    def linearize(self, fn: Callable, primal: Any) -> Callable:
+        # J t = d/du <J^T u, t> (linear in u): a VJP of the kept pullback. Each product is
+        # then one backward pass through the backward graph, about the cost of a forward
+        # pass, where torch.func.jvp costs two to three (and torch.func.linearize tens of
+        # gradients to set up), and no operation needs a forward-mode rule.
+        out, pull = torch.func.vjp(fn, primal)
+        push = torch.func.vjp(lambda u: pull(u)[0], torch.zeros_like(out))[1]
+        return lambda tangent: push(tangent)[0]
+
     def jacfwd(self, fn: Callable, randomness: str = "error") -> Callable:
         return torch.func.jacfwd(fn, randomness=randomness)
 
