@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks, _pytree, _rng
-from ._errors import DTypeError, ForwardModeUnsupportedError, RandomnessError
+from ._errors import DTypeError, ForwardModeUnsupportedError
 from ._hessian import place
 from ._inputs import convert_arg
 from ._operator import LinearOperator
@@ -36,7 +36,7 @@ from ._sharing import SharedFunctions, ShareKey
 from ._state import StateWatch
 from ._streamed import PointLayout
 from .backends import Backend, resolve_backend
-from .jacobians import output_array, translated
+from .jacobians import output_array, random_function, translated
 
 __all__ = ["JacobianOperator", "jacobian_operator"]
 
@@ -103,7 +103,9 @@ class JacobianOperator(PointLayout, LinearOperator):
         self.watch.check()
         tr = self._bk.transforms
         checked = self._uses < _CHECKED_USES
-        guard = _rng.refuse_draws(self._bk, _random_f) if checked else contextlib.nullcontext()
+        guard = (
+            _rng.refuse_draws(self._bk, random_function) if checked else contextlib.nullcontext()
+        )
         mode = "forward-over-reverse" if kind == "jvp" else "reverse-over-reverse"
         try:
             with tr.context(graph=False), translated(tr, mode), guard:
@@ -196,15 +198,6 @@ def _functions(bk: Backend, f: Callable[..., Any], spec: _pytree.TreeSpec) -> Si
         pull=tr.jit(pull),
         push_mat=tr.jit(columns(push, (None, 1))),
         pull_mat=tr.jit(columns(pull, (None, 0))),
-    )
-
-
-def _random_f(which: str) -> RandomnessError:
-    return RandomnessError(
-        f"f draws random numbers (from {which} global generator: dropout in training mode, "
-        "torch.randn, np.random, ...), so every product would be the Jacobian of another "
-        "function. Make f deterministic (model.eval()), or draw the random numbers once "
-        "outside f and pass them in as an argument"
     )
 
 
@@ -307,7 +300,7 @@ def jacobian_operator(
     def fn(point: list[Any]) -> Any:
         return output_array(bk, f(_pytree.unflatten(spec, list(point)), *args))
 
-    with tr.context(graph=False), translated(tr), _rng.refuse_draws(bk, _random_f):
+    with tr.context(graph=False), translated(tr), _rng.refuse_draws(bk, random_function):
         shape, out_dtype = tr.output_spec(fn, leaves)
     if bk.dtype_name(out_dtype) != bk.dtype_name(dt):
         raise DTypeError(

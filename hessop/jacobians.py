@@ -16,8 +16,8 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _pytree
-from ._errors import ForwardModeUnsupportedError, HessopError, unknown
+from . import _pytree, _rng
+from ._errors import ForwardModeUnsupportedError, HessopError, RandomnessError, unknown
 from ._inputs import native, native_args
 from .backends import Backend, resolve_backend
 from .backends._base import Transforms
@@ -53,6 +53,17 @@ def translated(tr: Transforms, mode: str = "reverse-over-reverse") -> Iterator[N
         if new is err:
             raise
         raise new from err
+
+
+def random_function(which: str) -> RandomnessError:
+    """The error for an ``f`` that drew from ``which`` global generator (see
+    :func:`hessop._rng.refuse_draws`)."""
+    return RandomnessError(
+        f"f draws random numbers (from {which} global generator: dropout in training mode, "
+        "torch.randn, np.random, ...), so it is not one function to differentiate. Make f "
+        "deterministic (model.eval()), or draw the random numbers once outside f and pass "
+        "them in as an argument"
+    )
 
 
 def forward_or_reverse(
@@ -191,7 +202,7 @@ def jacobian(
             call[i] = value
         return output_array(bk, f(*call))
 
-    with tr.context():
+    with tr.context(), _rng.refuse_draws(bk, random_function):
         with translated(tr):
             out_size = math.prod(tr.output_shape(fn, leaves))
         n_in = sum(math.prod(a.shape) for a in leaves)
@@ -263,7 +274,7 @@ def output_hessians(f: Callable[..., Any], x: Any, *args: Any, backend: str | No
     def fn(z: Any) -> Any:
         return output_array(bk, f(z, *args))
 
-    with tr.context():
+    with tr.context(), _rng.refuse_draws(bk, random_function):
         with translated(tr):
             out_shape = tr.output_shape(fn, x)
         m = math.prod(out_shape)

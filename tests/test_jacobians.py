@@ -306,3 +306,21 @@ def test_output_hessians_errors_and_hessian_points_to_it(backend):
         hessop.output_hessians(lambda z: z, to_native(backend, np.ones(3, int)))
     with pytest.raises(hessop.LossError, match=r"shape \(3,\).*hessop\.output_hessians"):
         hessop.hessian(lambda z: z**2, x).to_dense()
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_random_functions_refused_and_generators_untouched(mode):
+    """Reverse mode evaluates f outside any vmap, where a draw raises nothing in torch:
+    hessop notices the moved generator, puts it back and refuses."""
+    torch = pytest.importorskip("torch")
+    x = torch.ones(4, dtype=torch.float64)
+
+    def f(z):
+        return torch.nn.functional.dropout(z, p=0.5, training=True) * z.sum()
+
+    before = torch.get_rng_state()
+    with pytest.raises(hessop.RandomnessError, match="model.eval"):
+        hessop.jacobian(f, x, mode=mode)
+    with pytest.raises(hessop.RandomnessError, match="model.eval"):
+        hessop.output_hessians(f, x)
+    assert torch.equal(torch.get_rng_state(), before)
