@@ -163,8 +163,8 @@ def with_strategy(framework: str, call: Callable, finish: Callable, **strategies
 def jacobian_methods(framework: str, B: int, n: int, m: int, dtype: str, seed: int):
     """Every per-sample Jacobian strategy of hessop, on an MLP R^n -> 200 -> 200 -> R^m."""
     f, X, finish = mlp(framework, (n, 200, 200, m), B, dtype, seed)
-    methods = {"hessop auto": with_strategy(framework, lambda Xs: hessop.per_sample_jacobians(
-        f, Xs), finish)}  # fmt: skip
+    auto = with_strategy(framework, lambda Xs: hessop.per_sample_jacobians(f, Xs), finish)
+    methods = {"hessop auto": auto}
     for mode in ("forward", "reverse"):
         for kind in ("summed-output", "vmap-jacobian"):
             methods[f"{mode}/{kind}"] = with_strategy(
@@ -186,7 +186,7 @@ def output_hessian_methods(framework: str, n: int, m: int, dtype: str, seed: int
             lambda Xs: hessop.output_hessians(f, Xs[0])[None],
             finish,
             output_hessian=kind,
-        )  # fmt: skip
+        )
         for kind in ("forward-over-reverse", "reverse-over-reverse")
     }, X
 

@@ -21,8 +21,9 @@ Conventions shared by :func:`per_sample_hessians`, :func:`per_sample_gradients` 
   evaluates it instead with the global generators seeded with ``seed`` (and restored
   afterwards) and every sample seeing the **same** draws (``torch.func.vmap``'s
   ``randomness="same"``): sample ``i``'s result is that of ``f`` evaluated alone on sample
-  ``i`` right after ``torch.manual_seed(seed)``, whatever the ``chunk_size``. JAX has no
-  global generator (keys are arguments), so the option changes nothing there.
+  ``i`` right after ``torch.manual_seed(seed)``, whatever the ``chunk_size``. numpy's and
+  Python's generators are seeded alike; JAX has no global generator of its own (its keys
+  are arguments).
 * **Gradients through the results.** As with ``torch.func``: in torch the results keep a
   graph to the inputs and to tensors ``f`` closes over that require grad, when grad mode
   is on; call under ``torch.no_grad()`` (or pass detached tensors) to skip it. In JAX the
