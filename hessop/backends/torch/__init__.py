@@ -19,8 +19,12 @@ import array_api_compat.torch as xp_torch
 import numpy as np
 import torch
 
+from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
+
 from ..._errors import DeviceError, LossError
 from .._base import Backend
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 _DTYPES = {
     "float16": torch.float16,
@@ -125,19 +129,17 @@ class TorchBackend(Backend):
 
     # --- state ----------------------------------------------------------------------------
     def fingerprint(self, x: Any) -> Any:
-        if x.device.type == "meta" or self.is_tracer(x):
+        if self.is_tracer(x) or x.is_meta:
             return None
         return bit_sum(x)
 
     def memory_key(self, x: Any) -> Any:
-        if self.is_tracer(x) or x.device.type == "meta":
+        if self.is_tracer(x) or x.is_meta:
             return None
         return (x.data_ptr(), x.dtype, tuple(x.shape), x.stride(), x.device)
 
     def is_tracer(self, x: Any) -> bool:
-        from torch._subclasses.fake_tensor import is_fake
-
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x) or is_fake(x))
+        return bool(_is_wrapped(x)) or isinstance(x, _FakeTensor)
 
     def watch_object(self, watch: Any, obj: Any, label: str) -> bool:
         if not isinstance(obj, torch.nn.Module):
