@@ -18,7 +18,6 @@ from typing import Any
 import array_api_compat.torch as xp_torch
 import numpy as np
 import torch
-
 from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 
 from ..._errors import DeviceError, LossError
