@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import DeviceError, DTypeError
+from .._errors import DeviceError, DTypeError, EmptyDataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +183,7 @@ class Backend:
         raise NotImplementedError(f"the {self.name!r} backend has no automatic differentiation")
 
     def reducer(self, process_group: Any) -> Any:
-        """The :class:`hessop.distributed.Reducer` for ``distributed=True``."""
+        """The :class:`Reducer` for ``distributed=True``."""
         from .._errors import DistributedError
 
         raise DistributedError(f"distributed=True is not implemented for the {self.name!r} backend")
@@ -250,6 +250,35 @@ class CurvatureKernel:
     def share_as(self, key: Any) -> None:
         """Offer this kernel's compiled functions under another share key (the state the
         loss left behind after its own evaluation)."""
+
+
+class Reducer:
+    """How a process's share of a product becomes the product over all the data.
+
+    :class:`~hessop.HessianOperator` calls these hooks; the defaults do nothing, which is
+    the single-process operator. A reducer for another framework or transport subclasses
+    this and implements the hooks it needs.
+    """
+
+    def prepare(self, leaves: list[Any], device: Any) -> tuple[list[Any], Any]:
+        """Once, at construction: check the setup; return the leaves and the operator's
+        device (where its vectors live)."""
+        return leaves, device
+
+    def shard_batch(self, args: tuple[Any, ...], dtype: Any) -> tuple[Any, ...]:
+        """Place one local batch where the per-batch functions expect it."""
+        return args
+
+    def replicate(self, x: Any) -> Any:
+        """Place an input vector (or block) where the per-batch functions expect it."""
+        return x
+
+    def reduce(self, acc: Any, total: int, zero: Callable[[], Any]) -> tuple[Any, float]:
+        """Combine the local size-weighted sum ``acc`` (None when this process had no
+        batch; ``zero()`` builds its zeros) and the local number of samples ``total``."""
+        if acc is None:
+            raise EmptyDataError("data= yielded no batch; pass a non-empty iterable of batches")
+        return acc, total
 
 
 class Transforms:
