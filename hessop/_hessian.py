@@ -173,7 +173,7 @@ def build_hessian(
         mode=mode,
         differentiable=differentiable,
     )
-    H.share, H.share_prefix = share, prefix
+    H._share, H._share_prefix = share, prefix
     if compile:
         first = batches.first()
         # no local batch (distributed): compiled at the first product
@@ -181,7 +181,7 @@ def build_hessian(
         if first is not None and H.cache:
             # The operator's own linearization, with the compiled functions: every product
             # of this operator is then an application of it.
-            H._count = 1
+            H._products = 1
             H._linearization = kernel.linearize(H._point, first, H.zeros((H.shape[0],)))[1]
     return H
 
