@@ -17,6 +17,7 @@ Examples
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -81,13 +82,47 @@ register_backend("torch", "hessop.backends._torch", _module_is("torch"), extra="
 register_backend("jax", "hessop.backends._jax", _module_is("jax", "jaxlib"), extra="jax")
 
 
-def available_backends() -> list[str]:
-    """Names of the registered backends (installed or not).
+#: the top-level modules a built-in backend's framework needs (numpy is always there)
+_FRAMEWORK_MODULES: dict[str, tuple[str, ...]] = {"torch": ("torch",), "jax": ("jax", "jaxlib")}
 
-    >>> "numpy" in available_backends()
+
+def available_backends(installed: bool = False) -> list[str]:
+    """Names of the registered backends, or only of those whose framework is installed.
+
+    Parameters
+    ----------
+    installed : bool
+        ``False`` (default): every registered name, installed or not (what ``backend=``
+        accepts). ``True``: only the backends that can be loaded: ``"numpy"``, ``"torch"``
+        when torch is installed, ``"jax"`` when jax and jaxlib are, and every backend
+        registered with :func:`register_backend` (its loader is the user's). The check
+        asks :func:`importlib.util.find_spec` and imports no framework.
+
+    Returns
+    -------
+    list of str
+        In registration order.
+
+    Examples
+    --------
+    >>> import hessop
+    >>> hessop.available_backends()
+    ['numpy', 'torch', 'jax']
+    >>> "numpy" in hessop.available_backends(installed=True)
     True
     """
-    return list(_REGISTRY)
+    if not isinstance(installed, bool):
+        raise TypeError(f"installed must be True or False, got {installed!r}")
+    if not installed:
+        return list(_REGISTRY)
+    return [n for n in _REGISTRY if all(map(_has_module, _FRAMEWORK_MODULES.get(n, ())))]
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # in sys.modules without a spec: imported some other way, so present
+        return True
 
 
 def _load(name: str) -> Backend:
