@@ -45,5 +45,18 @@ def draw_figures(app) -> None:
     figures.draw_all(os.path.join(HERE, "_figures"))
 
 
+def strip_trailing_blank_lines(app, doctree) -> None:
+    """Drop the blank line that ends each doctest block of the guide (doctest needs it
+    before the closing fence, the reader does not)."""
+    from docutils import nodes
+
+    for node in doctree.findall(nodes.literal_block):
+        text = node.astext()
+        if text.endswith("\n") and node.rawsource == text:
+            node.rawsource = text.rstrip("\n")
+            node.children = [nodes.Text(node.rawsource)]
+
+
 def setup(app) -> None:
     app.connect("builder-inited", draw_figures)
+    app.connect("doctree-read", strip_trailing_blank_lines)

@@ -54,20 +54,6 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@functools.cache
-def mlp_problem(hidden: int = 24, n: int = 256, d_in: int = 8):
-    """A one-hidden-layer tanh regression network at its random initialization."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((n, d_in))
-    y = np.sin(X @ rng.standard_normal(d_in))
-    params = {
-        "W1": rng.standard_normal((d_in, hidden)) / np.sqrt(d_in),
-        "b1": np.zeros(hidden),
-        "w2": rng.standard_normal(hidden) / np.sqrt(hidden),
-    }
-    return params, X, y
-
-
 def mlp_apply(p, X):
     return (X @ p["W1"] + p["b1"]).tanh() @ p["w2"]
 
@@ -78,8 +64,16 @@ def mse(out, y):
 
 @functools.cache
 def dense_hessian_and_ggn() -> tuple[np.ndarray, np.ndarray]:
-    """The Hessian (indefinite) and the GGN (PSD, decaying spectrum) of the network."""
-    params, X, y = mlp_problem()
+    """The Hessian (indefinite) and the GGN (PSD, decaying spectrum) of a tanh regression
+    network with 240 parameters at its random initialization, as dense matrices."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((256, 8))
+    y = np.sin(X @ rng.standard_normal(8))
+    params = {
+        "W1": rng.standard_normal((8, 24)) / np.sqrt(8),
+        "b1": np.zeros(24),
+        "w2": rng.standard_normal(24) / np.sqrt(24),
+    }
     H = hessop.model_hessian(mlp_apply, mse, (X, y), params=params, backend="torch")
     G = hessop.model_ggn(mlp_apply, mse, (X, y), params=params, backend="torch")
     return H.to_dense().numpy(), G.to_dense().numpy()
@@ -167,14 +161,29 @@ def eigenvalue_convergence() -> Figure:
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
     floor = 1e-16
-    ax.semilogy(steps, np.maximum(abs(np.array(lanczos) - top) / top, floor), "o-", ms=3,
-                label="lanczos: top Ritz value")  # fmt: skip
-    ax.semilogy(steps, np.maximum(abs(np.array(power) - top) / top, floor), "s-", ms=3,
-                label="power_iteration (largest magnitude)")  # fmt: skip
+    ax.semilogy(
+        steps,
+        np.maximum(abs(np.array(lanczos) - top) / top, floor),
+        "o-",
+        ms=3,
+        label="lanczos: top Ritz value",
+    )
+    ax.semilogy(
+        steps,
+        np.maximum(abs(np.array(power) - top) / top, floor),
+        "s-",
+        ms=3,
+        label="power_iteration (largest magnitude)",
+    )
     res = hessop.eigsh(op, k=1)
     err = max(abs(float(res.eigenvalues[0]) - top) / top, floor)
-    ax.semilogy(res.num_matvecs, err, "k*", ms=10,
-                label=f"eigsh(k=1): converged, residual {res.residual_norms[0]:.0e}")  # fmt: skip
+    ax.semilogy(
+        res.num_matvecs,
+        err,
+        "k*",
+        ms=10,
+        label=f"eigsh(k=1): converged, residual {res.residual_norms[0]:.0e}",
+    )
     ax.set_xlabel("Hessian-vector products")
     ax.set_ylabel("relative error of the top eigenvalue")
     ax.legend(fontsize=8)
@@ -219,8 +228,9 @@ def cg_preconditioning() -> Figure:
 
         M = None if diag is None else (lambda r, diag=diag: r / diag)
         res = hessop.cg(H, b, tol=1e-8, maxiter=1000, M=M, callback=record)
-        ax.semilogy(np.arange(1, len(history) + 1), history,
-                    label=f"{label}: {res.iterations} iterations")  # fmt: skip
+        ax.semilogy(
+            np.arange(1, len(history) + 1), history, label=f"{label}: {res.iterations} iterations"
+        )
     ax.set_xlabel("CG iteration (one Hessian-vector product each)")
     ax.set_ylabel("relative residual")
     ax.legend(fontsize=8)
