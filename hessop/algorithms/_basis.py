@@ -20,8 +20,9 @@ import numpy as np
 
 from .._operator import LinearOperator
 
-#: rows per block where arrays are immutable: a write copies this many rows
-BLOCK_ROWS = 4
+#: rows per block where arrays are immutable: a write copies this many rows, and a kernel is
+#: compiled once per number of filled blocks
+BLOCK_ROWS = 8
 
 #: DGKS criterion (ARPACK's 0.717): project again when a projection removed more than
 #: this fraction of the norm, i.e. when cancellation may have left components behind
@@ -39,7 +40,12 @@ class Basis:
         self.rows = m if writable else min(m, BLOCK_ROWS)
         self.blocks = [A.zeros((p, self.rows, d)) for _ in range(math.ceil(m / self.rows))]
         self.n = 0
+        if not writable:
+            self._onehot = [
+                A.asarray(np.arange(self.rows) == r, dtype=bool) for r in range(self.rows)
+            ]
         self._write = A.kernel(_write_row)
+        self._step = A.kernel(_lanczos_step)
         self._project = A.kernel(_project)
         self._combine = A.kernel(_combine)
 
@@ -51,38 +57,65 @@ class Basis:
             blocks = [blocks[0][:, : self.n, :]]
         return blocks
 
-    def append(self, V: Any) -> None:
-        """Store ``V`` ``(p, d)`` as row ``n``."""
-        b, r = divmod(self.n, self.rows)
-        if self.writable:
-            self.blocks[b][:, r, :] = V
-        else:
-            onehot = self.A.asarray(np.arange(self.rows) == r, dtype=bool)
-            self.blocks[b] = self._write(self.blocks[b], V, onehot)
+    def append(self, W: Any, b: np.ndarray | None = None) -> Any:
+        """Store ``W / b`` (``W`` ``(p, d)``, ``b`` ``(p,)`` on the host, default 1) as row
+        ``n``, and return it."""
+        b = self.A.asarray(np.ones(self.p) if b is None else b)
+        i, r = divmod(self.n, self.rows)
         self.n += 1
+        if self.writable:
+            V = W / b[:, None]
+            self.blocks[i][:, r, :] = V
+            return V
+        V, self.blocks[i] = self._write(self.blocks[i], W, b, self._onehot[r])
+        return V
 
     def row(self, i: int) -> Any:
         """Row ``i``, ``(p, d)``."""
         b, r = divmod(i, self.rows)
         return self.blocks[b][:, r, :]
 
-    def project(self, W: Any) -> tuple[Any, Any, np.ndarray]:
+    def lanczos_step(
+        self, V: Any, AV: Any, V_prev: Any, beta_prev: Any
+    ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        """The three-term recurrence ``W = AV - a V - beta_prev V_prev`` (``a = V . AV``),
+        then :meth:`project`: the recurrence takes out the large components, so that one
+        Gram-Schmidt pass removes the rest and a second one is rarely needed.
+
+        Returns ``W``, and on the host ``a``, ``||W||`` and the projection coefficients
+        ``(n, p)``; one read from the device unless a second pass is needed.
+        """
+        blocks = self.filled()
+        W, stats = self._step(V, AV, V_prev, beta_prev, *blocks)
+        stats = self._host(stats)
+        W, H, norm = self._again(W, blocks, stats[1:])
+        return W, stats[0], norm, H
+
+    def project(self, W: Any) -> tuple[Any, np.ndarray, np.ndarray]:
         """``W - Q^T (Q W)`` for ``W`` ``(p, d)`` against the filled rows, by classical
         Gram-Schmidt, again where a pass removed most of a norm (DGKS, as ARPACK).
 
-        Returns the projected ``W``, the coefficients ``Q W`` ``(p, n)`` summed over the
-        passes (in the framework), and the final norms on the host.
+        Returns the projected ``W``, and on the host its norms ``(p,)`` and the
+        coefficients ``Q W`` ``(n, p)`` summed over the passes.
         """
         blocks = self.filled()
         if not blocks:
             norms = self.A.xp.sqrt(self.A.xp.sum(W * W, axis=1))
-            return W, None, np.asarray(self.A.to_numpy(norms), dtype=np.float64)
-        W, H, norms = self._project(W, *blocks)
-        before, after = np.asarray(self.A.to_numpy(norms), dtype=np.float64)
+            return W, self._host(norms), np.zeros((0, self.p))
+        W, stats = self._project(W, *blocks)
+        W, H, norm = self._again(W, blocks, self._host(stats))
+        return W, norm, H
+
+    def _again(self, W: Any, blocks: list[Any], stats: np.ndarray) -> tuple[Any, Any, Any]:
+        before, after, H = stats[0], stats[1], stats[2 : 2 + self.n]
         if np.any(after < REORTH_RATIO * before):
-            W, H2, norms = self._project(W, *blocks)
-            H, after = H + H2, np.asarray(self.A.to_numpy(norms), dtype=np.float64)[1]
+            W, again = self._project(W, *blocks)
+            again = self._host(again)
+            after, H = again[1], H + again[2 : 2 + self.n]
         return W, H, after
+
+    def _host(self, x: Any) -> np.ndarray:
+        return np.asarray(self.A.to_numpy(x), dtype=np.float64)
 
     def combine(self, S: np.ndarray) -> Any:
         """``S^T Q``: ``(p, k, d)`` rows from the ``(p, n, k)`` coefficients ``S`` (host)."""
@@ -101,17 +134,32 @@ class Basis:
             self.append(rows[:, i, :])
 
 
-def _write_row(xp: Any, block: Any, V: Any, onehot: Any) -> Any:
-    return xp.where(onehot[None, :, None], V[:, None, :], block)
+def _write_row(xp: Any, block: Any, W: Any, b: Any, onehot: Any) -> Any:
+    V = W / b[:, None]
+    return V, xp.where(onehot[None, :, None], V[:, None, :], block)
 
 
-def _project(xp: Any, W: Any, *blocks: Any) -> Any:
+def _gram_schmidt(xp: Any, W: Any, blocks: tuple[Any, ...]) -> Any:
+    """One classical Gram-Schmidt pass; the norms before and after and the coefficients
+    ``(width, p)`` stacked, for one read to the host."""
     H = [blk @ W[:, :, None] for blk in blocks]  # (p, rows, 1) each
     before = xp.sqrt(xp.sum(W * W, axis=1))
     for blk, h in zip(blocks, H):
         W = W - (xp.permute_dims(blk, (0, 2, 1)) @ h)[:, :, 0]
     after = xp.sqrt(xp.sum(W * W, axis=1))
-    return W, xp.concat(H, axis=1)[:, :, 0], xp.stack([before, after])
+    coeffs = xp.permute_dims(xp.concat(H, axis=1)[:, :, 0], (1, 0))
+    return W, xp.concat([before[None, :], after[None, :], coeffs], axis=0)
+
+
+def _project(xp: Any, W: Any, *blocks: Any) -> Any:
+    return _gram_schmidt(xp, W, blocks)
+
+
+def _lanczos_step(xp: Any, V: Any, AV: Any, V_prev: Any, beta_prev: Any, *blocks: Any) -> Any:
+    a = xp.sum(V * AV, axis=1)
+    W = AV - a[:, None] * V - beta_prev[:, None] * V_prev
+    W, stats = _gram_schmidt(xp, W, blocks)
+    return W, xp.concat([a[None, :], stats], axis=0)
 
 
 def _combine(xp: Any, S: Any, *blocks: Any) -> Any:

@@ -185,8 +185,10 @@ class _Restarted:
     def __init__(self, A: LinearOperator, ncv: int, rng: np.random.Generator, q: Any) -> None:
         self.A, self.ncv, self.rng = A, ncv, rng
         self.basis = Basis(A, 1, ncv)
-        self.basis.append(q[None, :])
-        self.q, self.j = q, 0  # the vector being expanded and its index in the basis
+        self.q = self.basis.append(q[None, :])  # the vector being expanded, (1, d)
+        self.q_prev = A.xp.zeros_like(self.q)
+        self.j = 0  # the index of q in the basis
+        self.arrow = -1  # the step that couples to the kept Ritz vectors
         self.T = np.zeros((ncv, ncv))
         self.anorm, self.beta_last, self.r = 0.0, 0.0, None
         self.num_matvecs = 0
@@ -197,33 +199,34 @@ class _Restarted:
 
     def scale(self, theta: np.ndarray, lam: np.ndarray) -> np.ndarray:
         """What ``tol`` is relative to: ``max(|lambda|, eps^(2/3) ||A||)``."""
-        return np.maximum(
-            np.abs(lam), self.A.eps ** (2.0 / 3.0) * max(np.abs(theta).max(), self.anorm)
-        )
+        anorm = max(np.abs(theta).max(), self.anorm)
+        return np.maximum(np.abs(lam), self.A.eps ** (2.0 / 3.0) * anorm)
 
     def expand(self) -> None:
         """Lanczos steps until the basis holds ``ncv`` vectors; columns before the restart
         point are kept Ritz vectors (their couplings to the first new vector form the arrow
-        part of T)."""
-        T, j, basis = self.T, self.j, self.basis
+        part of T, which the Gram-Schmidt pass of that step takes out)."""
+        A, T, j, basis = self.A, self.T, self.j, self.basis
         while True:
-            W, H, beta = basis.project(self.A.matvec(self.q)[None, :])
+            w = A.matvec(self.q[0])[None, :]
             self.num_matvecs += 1
-            T[j, j], beta = float(to_host(self.A, H[0, j])), float(beta[0])
+            prev = 0.0 if j == self.arrow or j == 0 else T[j, j - 1]
+            W, a, beta, H = basis.lanczos_step(self.q, w, self.q_prev, A.asarray([prev]))
+            T[j, j], beta = a[0] + H[j, 0], float(beta[0])
             check_finite_values([T[j, j], beta], "eigsh", f"at Lanczos step {self.num_matvecs}")
             self.anorm = max(self.anorm, abs(T[j, j]) + beta + (T[j, j - 1] if j > 0 else 0.0))
             if j + 1 == self.ncv:
-                self.beta_last, self.r = beta, W[0]
+                self.beta_last, self.r = beta, W
                 self.j = j
                 return
+            self.q_prev = self.q
             if self.small(beta):
                 # Invariant subspace: carry on in a fresh direction (T decouples there).
                 self.q, beta = self._fresh_direction(), 0.0
             else:
-                self.q = W[0] / beta
+                self.q = basis.append(W, np.array([beta]))
             T[j + 1, j] = T[j, j + 1] = beta
             j += 1
-            basis.append(self.q[None, :])
 
     def restart(self, theta: np.ndarray, S: np.ndarray, keep: np.ndarray) -> None:
         """Keep the Ritz vectors ``keep`` with their residual couplings, and the residual
@@ -231,21 +234,23 @@ class _Restarted:
         n_keep = len(keep)
         self.basis.reset(self.basis.combine(S[None, :, keep]))
         small = self.small(self.beta_last)
-        self.q = self._fresh_direction() if small else self.r / self.beta_last
-        self.basis.append(self.q[None, :])
-        self.j = n_keep
+        if small:
+            self.q = self._fresh_direction()
+        else:
+            self.q = self.basis.append(self.r, np.array([self.beta_last]))
+        self.q_prev = self.A.xp.zeros_like(self.q)
+        self.j = self.arrow = n_keep
         self.T = np.zeros((self.ncv, self.ncv))
         self.T[np.arange(n_keep), np.arange(n_keep)] = theta[keep]
         coupling = 0.0 if small else self.beta_last * S[-1, keep]
         self.T[n_keep, :n_keep] = self.T[:n_keep, n_keep] = coupling
 
     def _fresh_direction(self) -> Any:
-        """A random unit vector orthogonal to the basis."""
-        A = self.A
-        w = A.asarray(self.rng.standard_normal(A.shape[0]))[None, :]
+        """A random unit vector orthogonal to the basis, appended to it."""
+        w = self.A.asarray(self.rng.standard_normal(self.A.shape[0]))[None, :]
         for _ in range(2):
-            w, _, norm = self.basis.project(w)
-        return w[0] / A.asarray(norm[0])
+            w, norm, _ = self.basis.project(w)
+        return self.basis.append(w, norm)
 
 
 def _most_wanted(theta: np.ndarray, which: str) -> np.ndarray:
@@ -349,13 +354,13 @@ def power_iteration(
     bar = progress_bar(progress, k * maxiter, "power iteration")
     try:
         for _ in range(k):
-            v, _, norm = found.project(A.asarray(rng.standard_normal(d))[None, :])
-            v = v[0] / A.asarray(norm[0])
+            v, norm, _ = found.project(A.asarray(rng.standard_normal(d))[None, :])
+            v = v / A.asarray(norm)
             lam, ok, it, rnorm = 0.0, False, 0, float("nan")
             for it in range(1, maxiter + 1):  # noqa: B007 - the count is reported
-                W, _, wnorm = found.project(A.matvec(v)[None, :])
+                W, wnorm, _ = found.project(A.matvec(v[0])[None, :])
                 num_matvecs += 1
-                v_new, lam_rnorm = rayleigh(v, W[0], A.asarray(wnorm))
+                v_new, lam_rnorm = rayleigh(v, W, A.asarray(wnorm))
                 (lam_new, rnorm), wnorm = to_host(A, lam_rnorm), float(wnorm[0])
                 check_finite_values([lam_new, rnorm, wnorm], "power_iteration", f"at step {it}")
                 bar.update(1)
@@ -367,7 +372,7 @@ def power_iteration(
                     lam, ok = lam_new, True
                     break
                 lam = lam_new
-            found.append(v[None, :])
+            found.append(v)
             vals.append(lam)
             res.append(rnorm)
             conv.append(ok)
@@ -385,8 +390,8 @@ def power_iteration(
 
 
 def _rayleigh(xp: Any, v: Any, w: Any, wnorm: Any) -> Any:
-    """From the deflated ``w = A v``: the next unit vector, the Rayleigh quotient and the
-    residual norm ``||w - lambda v||``."""
+    """From the deflated ``w = A v`` (rows ``(1, d)``): the next unit vector, the Rayleigh
+    quotient and the residual norm ``||w - lambda v||``."""
     lam = xp.sum(v * w)
-    v_new = w / xp.where(wnorm > 0, wnorm, xp.ones_like(wnorm))
-    return v_new, xp.stack([lam, xp.linalg.vector_norm(w - lam * v)])
+    v_new = w / xp.where(wnorm > 0, wnorm, xp.ones_like(wnorm))[:, None]
+    return v_new, xp.stack([lam, xp.sqrt(xp.sum((w - lam * v) ** 2))])

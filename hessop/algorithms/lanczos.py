@@ -194,11 +194,11 @@ def lanczos_block(
     p = V0.shape[0]
     eps = A.eps
     basis = Basis(A, p, m) if reorthogonalize or keep_basis else None
-    three_term, advance = A.kernel(_three_term), A.kernel(_advance)
+    step, advance = A.kernel(three_term), A.kernel(_advance)
     V = V0 / xp.sqrt(xp.sum(V0 * V0, axis=1))[:, None]
     V_prev, beta_prev = xp.zeros_like(V), xp.zeros_like(V[:, 0])
     if basis is not None:
-        basis.append(V)
+        V = basis.append(V)
     alpha, beta = np.zeros((p, m)), np.zeros((p, m))
     lengths, broken = np.zeros(p, dtype=np.int64), np.zeros(p, dtype=bool)
     active, anorm = np.ones(p, dtype=bool), np.zeros(p)
@@ -209,12 +209,11 @@ def lanczos_block(
         for j in range(m):
             AV = xp.permute_dims(apply(A, xp.permute_dims(V, (1, 0))), (1, 0))
             num_matvecs += p
-            W, a, norms = three_term(V, AV, V_prev, beta_prev)
             if reorthogonalize:
-                W, _, b_np = basis.project(W)
+                W, a_np, b_np, _ = basis.lanczos_step(V, AV, V_prev, beta_prev)
             else:
-                b_np = to_host(A, norms)
-            a_np = to_host(A, a)
+                W, stats = step(V, AV, V_prev, beta_prev)
+                a_np, b_np = to_host(A, stats)
             check_finite_values([a_np[active], b_np[active]], algo, f"at Lanczos step {j}")
             alpha[active, j], beta[active, j] = a_np[active], b_np[active]
             lengths[active] = j + 1
@@ -227,27 +226,25 @@ def lanczos_block(
             bar.update(1)
             if j == m - 1 or not active.any():
                 break
-            V_prev = V
-            act = A.asarray(active, dtype=bool)
-            V, beta_prev = advance(W, A.asarray(np.where(active, b_np, 1.0)), act)
-            if basis is not None:
-                basis.append(V)
+            # A stopped run goes on with zeros: its (finite, tiny) residual divided by inf.
+            V_prev, scale = V, np.where(active, b_np, np.inf)
+            V = advance(W, A.asarray(scale)) if basis is None else basis.append(W, scale)
+            beta_prev = A.asarray(np.where(active, b_np, 0.0))
     finally:
         bar.close()
     return BlockRun(alpha, beta, lengths, broken, basis, num_matvecs)
 
 
-def _three_term(xp: Any, V: Any, W: Any, V_prev: Any, beta_prev: Any) -> Any:
-    """``W - a V - beta_prev V_prev`` with ``a = V . W``, row by row; and its norms."""
+def three_term(xp: Any, V: Any, W: Any, V_prev: Any, beta_prev: Any) -> Any:
+    """``W - a V - beta_prev V_prev`` with ``a = V . W``, row by row; ``a`` and the norms
+    stacked for one read to the host."""
     a = xp.sum(V * W, axis=1)
     W = W - a[:, None] * V - beta_prev[:, None] * V_prev
-    return W, a, xp.sqrt(xp.sum(W * W, axis=1))
+    return W, xp.stack([a, xp.sqrt(xp.sum(W * W, axis=1))])
 
 
-def _advance(xp: Any, W: Any, b: Any, act: Any) -> Any:
-    """The next vectors ``W / b``; a stopped run goes on with zeros (``b`` is 1 there)."""
-    V = xp.where(act[:, None], W / b[:, None], xp.zeros_like(W))
-    return V, xp.where(act, b, xp.zeros_like(b))
+def _advance(xp: Any, W: Any, b: Any) -> Any:
+    return W / b[:, None]
 
 
 def tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
