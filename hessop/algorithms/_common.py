@@ -175,9 +175,13 @@ def choice(value: Any, name: str, valid: tuple[str, ...]) -> str:
 
 def density_option(value: Any, distribution: str) -> float:
     """The ``density`` of sparse Rademacher probes, in (0, 1]."""
-    dens = _checks.real(value, "density", positive=True)
+    want = "density must be a finite number in (0, 1]"
+    try:
+        dens = _checks.real(value, "density", positive=True)
+    except ValueError:
+        raise ValueError(f"{want}, got {value!r}") from None
     if dens > 1.0:
-        raise ValueError(f"density must be a finite number in (0, 1], got {dens!r}")
+        raise ValueError(f"{want}, got {dens!r}")
     if dens != 1.0 and distribution != "sparse-rademacher":
         raise ValueError(
             f"density={dens} applies to distribution='sparse-rademacher' only, got "

@@ -223,6 +223,11 @@ class _Solver:
     def apply_M(self, R: Any) -> Any:
         return R if self.Minv is None else apply(self.Minv, R)
 
+    def _check_M(self, rz: Any, active: np.ndarray) -> None:
+        """With a preconditioner, ``r^T M r`` is read to tell its NaN from the operator's."""
+        if self.Minv is not None:
+            check_finite_values(to_host(self.A, rz)[active], "cg", "of the preconditioner M")
+
     def run(
         self,
         X: Any,
@@ -241,6 +246,7 @@ class _Solver:
         active = ~converged
         Z = self.apply_M(R)
         P, rz = Z, xp.sum(R * Z, axis=0)
+        self._check_M(rz, active)
         update, direction = A.kernel(_update), A.kernel(_direction)
         bar = progress_bar(progress, maxiter, "cg")
         try:
@@ -273,8 +279,7 @@ class _Solver:
                     break
                 Z = self.apply_M(R)
                 P, rz = direction(R, Z, P, rz, A.asarray(active, dtype=bool))
-                if self.Minv is not None:
-                    check_finite_values(to_host(A, rz)[active], "cg", "of the preconditioner M")
+                self._check_M(rz, active)
         finally:
             bar.close()
         return X, st
