@@ -19,6 +19,7 @@ import array_api_compat
 import numpy as np
 
 from .._operator import LinearOperator
+from ._common import to_host
 
 #: rows per block where arrays are immutable: a write copies this many rows, and a kernel is
 #: compiled once per number of filled blocks
@@ -87,7 +88,7 @@ class Basis:
         """
         blocks = self.filled()
         W, stats = self._step(V, AV, V_prev, beta_prev, *blocks)
-        stats = self._host(stats)
+        stats = to_host(self.A, stats)
         W, H, norm = self._again(W, blocks, stats[1:])
         return W, stats[0], norm, H
 
@@ -101,21 +102,18 @@ class Basis:
         blocks = self.filled()
         if not blocks:
             norms = self.A.xp.sqrt(self.A.xp.sum(W * W, axis=1))
-            return W, self._host(norms), np.zeros((0, self.p))
+            return W, to_host(self.A, norms), np.zeros((0, self.p))
         W, stats = self._project(W, *blocks)
-        W, H, norm = self._again(W, blocks, self._host(stats))
+        W, H, norm = self._again(W, blocks, to_host(self.A, stats))
         return W, norm, H
 
     def _again(self, W: Any, blocks: list[Any], stats: np.ndarray) -> tuple[Any, Any, Any]:
         before, after, H = stats[0], stats[1], stats[2 : 2 + self.n]
         if np.any(after < REORTH_RATIO * before):
             W, again = self._project(W, *blocks)
-            again = self._host(again)
+            again = to_host(self.A, again)
             after, H = again[1], H + again[2 : 2 + self.n]
         return W, H, after
-
-    def _host(self, x: Any) -> np.ndarray:
-        return np.asarray(self.A.to_numpy(x), dtype=np.float64)
 
     def combine(self, S: np.ndarray) -> Any:
         """``S^T Q``: ``(p, k, d)`` rows from the ``(p, n, k)`` coefficients ``S`` (host)."""

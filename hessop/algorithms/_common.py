@@ -173,23 +173,6 @@ def choice(value: Any, name: str, valid: tuple[str, ...]) -> str:
     return value
 
 
-def density_option(value: Any, distribution: str) -> float:
-    """The ``density`` of sparse Rademacher probes, in (0, 1]."""
-    want = "density must be a finite number in (0, 1]"
-    try:
-        dens = _checks.real(value, "density", positive=True)
-    except ValueError:
-        raise ValueError(f"{want}, got {value!r}") from None
-    if dens > 1.0:
-        raise ValueError(f"{want}, got {dens!r}")
-    if dens != 1.0 and distribution != "sparse-rademacher":
-        raise ValueError(
-            f"density={dens} applies to distribution='sparse-rademacher' only, got "
-            f"distribution={distribution!r}"
-        )
-    return dens
-
-
 def chunk_option(value: Any) -> int | None:
     return _checks.optional_integer(value, "chunk_size", minimum=1)
 
@@ -250,10 +233,6 @@ def apply_chunked(
     if algo and not all_finite(A, Y):
         raise nonfinite_product(algo, "with its probe vectors")
     return Y
-
-
-def column_norms(xp: Any, V: Any) -> Any:
-    return xp.sqrt(xp.sum(V * V, axis=0))
 
 
 class _NoBar:

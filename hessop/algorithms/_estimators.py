@@ -18,7 +18,6 @@ from ._common import (
     as_native,
     check_finite_input,
     choice,
-    density_option,
     random_probes,
     to_host,
 )
@@ -34,6 +33,23 @@ class ProbeOptions:
     distribution: str
     density: float
     user: Any  # the user's (d, n) probes in the operator's framework, or None
+
+
+def density_option(value: Any, distribution: str) -> float:
+    """The ``density`` of sparse Rademacher probes, in (0, 1]."""
+    want = "density must be a finite number in (0, 1]"
+    try:
+        dens = _checks.real(value, "density", positive=True)
+    except ValueError:
+        raise ValueError(f"{want}, got {value!r}") from None
+    if dens > 1.0:
+        raise ValueError(f"{want}, got {dens!r}")
+    if dens != 1.0 and distribution != "sparse-rademacher":
+        raise ValueError(
+            f"density={dens} applies to distribution='sparse-rademacher' only, got "
+            f"distribution={distribution!r}"
+        )
+    return dens
 
 
 def probe_options(

@@ -147,7 +147,7 @@ def cg(
     bnorm = to_host(A, xp.sqrt(xp.sum(B * B, axis=0)))
     if not np.all(np.isfinite(bnorm)):
         check_finite_input(A, B, "cg", "the right-hand side b")  # names an overflow too
-    solver = _Solver(A, k, damping, _preconditioner(A, M))
+    solver = _Solver(A, k, damping, _preconditioner(A, M), no_x0=x0 is None)
     if x0 is None:
         X, R = xp.zeros_like(B), B
     else:
@@ -202,8 +202,8 @@ class _State:
 class _Solver:
     """The products of one CG run (operator, damping, preconditioner) and its loop."""
 
-    def __init__(self, A: LinearOperator, k: int, damping: float, Minv: Any) -> None:
-        self.A, self.k, self.damping, self.Minv = A, k, damping, Minv
+    def __init__(self, A: LinearOperator, k: int, damping: float, Minv: Any, no_x0: bool) -> None:
+        self.A, self.k, self.damping, self.Minv, self.no_x0 = A, k, damping, Minv, no_x0
         self.num_matvecs = 0
 
     def apply_A(self, P: Any, cols: list[int]) -> Any:
@@ -240,7 +240,6 @@ class _Solver:
         progress: bool,
     ) -> tuple[Any, _State]:
         A, xp, k = self.A, self.A.xp, self.k
-        no_x0 = self.num_matvecs == 0
         converged = rnorm <= thresh
         st = _State(rnorm, converged, np.zeros(k, bool), np.zeros(k, np.int64), np.zeros(k, bool))
         active = ~converged
@@ -249,13 +248,16 @@ class _Solver:
         self._check_M(rz, active)
         update, direction = A.kernel(_update), A.kernel(_direction)
         bar = progress_bar(progress, maxiter, "cg")
+        act, n_act = None, -1  # columns only ever leave the active set: a count tells a change
         try:
             for it in range(maxiter):
                 cols = [int(j) for j in np.flatnonzero(active)]
                 if not cols:
                     break
                 AP = self.apply_A(P, cols)
-                X, R, host = update(X, R, P, AP, rz, A.asarray(active, dtype=bool))
+                if act is None or len(cols) != n_act:  # the mask on the device, when it changed
+                    act, n_act = A.asarray(active, dtype=bool), len(cols)
+                X, R, host = update(X, R, P, AP, rz, act)
                 pAp, rnorm_new = to_host(A, host)
                 check_finite_values(pAp[active], "cg", f"with the search direction at step {it}")
                 bad = active & ~(pAp > 0)  # the kernel skipped these columns
@@ -263,7 +265,7 @@ class _Solver:
                     st.negative |= bad
                     mask = A.asarray(bad, dtype=bool)[None, :]
                     st.D = xp.where(mask, P, xp.zeros_like(P) if st.D is None else st.D)
-                    st.fallback |= bad & (st.iterations == 0) & no_x0
+                    st.fallback |= bad & (st.iterations == 0) & self.no_x0
                     active &= ~bad
                     if not active.any():
                         break  # no column took a step
@@ -278,7 +280,9 @@ class _Solver:
                 if not active.any():
                     break
                 Z = self.apply_M(R)
-                P, rz = direction(R, Z, P, rz, A.asarray(active, dtype=bool))
+                if int(active.sum()) != n_act:
+                    act, n_act = A.asarray(active, dtype=bool), int(active.sum())
+                P, rz = direction(R, Z, P, rz, act)
                 self._check_M(rz, active)
         finally:
             bar.close()

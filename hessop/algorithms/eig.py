@@ -114,8 +114,8 @@ def eigsh(
     -----
     Each step costs one product, one classical Gram-Schmidt pass over the vectors filled so
     far (two when the first removed most of the norm, ARPACK's DGKS test) and a few scalars
-    read to the host; the basis is written in place (a block of four rows at a time in JAX,
-    whose arrays are immutable). On a Hessian this spends a small fraction of the time of
+    read to the host; the basis is written in place (a block of eight rows at a time in
+    JAX, whose arrays are immutable). On a Hessian this spends a small fraction of the time of
     its products.
 
     Examples
