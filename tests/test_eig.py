@@ -307,3 +307,34 @@ def test_basis_against_numpy(writable):
     np.testing.assert_allclose(basis.row(1), Q[:, 8, :])
     _, _, H = basis.project(W)
     np.testing.assert_allclose(H, np.einsum("pmd,pd->mp", Q[:, 7:9, :], W), rtol=1e-12)
+
+
+def test_to_scipy_holds_host_blas_to_one_thread_during_framework_products():
+    # Issue #15: numpy's/scipy's idle BLAS workers spinning beside a torch product tripled
+    # its cost; to_scipy limits them to one thread for the product, and only for it.
+    torch = pytest.importorskip("torch")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def host_blas_threads():
+        return [
+            info["num_threads"]
+            for info in threadpoolctl.threadpool_info()
+            if info["user_api"] == "blas"
+            and ("numpy" in info["filepath"] or "scipy" in info["filepath"])
+        ]
+
+    before = host_blas_threads()
+    if not before:
+        pytest.skip("threadpoolctl sees no BLAS library of numpy or scipy here")
+    seen = []
+    M = torch.as_tensor(A_MAT)
+
+    def matvec(v):
+        seen.append(host_blas_threads())
+        return M @ v
+
+    op = hessop.aslinearoperator(matvec, shape=(D, D), backend="torch", symmetric=True)
+    vals = spla.eigsh(op.to_scipy(), 3, which="LA", tol=1e-10)[0]
+    np.testing.assert_allclose(np.sort(vals), expected(SPEC, 3, "LA"), atol=1e-9)
+    assert seen and all(threads == [1] * len(before) for threads in seen)
+    assert host_blas_threads() == before

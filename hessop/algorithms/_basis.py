@@ -140,12 +140,14 @@ def _write_row(xp: Any, block: Any, W: Any, b: Any, onehot: Any) -> Any:
 def _gram_schmidt(xp: Any, W: Any, blocks: tuple[Any, ...]) -> Any:
     """One classical Gram-Schmidt pass; the norms before and after and the coefficients
     ``(width, p)`` stacked, for one read to the host."""
-    H = [blk @ W[:, :, None] for blk in blocks]  # (p, rows, 1) each
+    # Both products keep the blocks' row layout: (p, 1, rows) @ (p, rows, d), not the
+    # transpose, which XLA would write out (five times slower on the CPU).
+    H = [xp.permute_dims(blk @ W[:, :, None], (0, 2, 1)) for blk in blocks]  # (p, 1, rows)
     before = xp.sqrt(xp.sum(W * W, axis=1))
     for blk, h in zip(blocks, H):
-        W = W - (xp.permute_dims(blk, (0, 2, 1)) @ h)[:, :, 0]
+        W = W - (h @ blk)[:, 0, :]
     after = xp.sqrt(xp.sum(W * W, axis=1))
-    coeffs = xp.permute_dims(xp.concat(H, axis=1)[:, :, 0], (1, 0))
+    coeffs = xp.permute_dims(xp.concat(H, axis=2)[:, 0, :], (1, 0))
     return W, xp.concat([before[None, :], after[None, :], coeffs], axis=0)
 
 
