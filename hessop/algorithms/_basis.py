@@ -143,10 +143,10 @@ def _gram_schmidt(xp: Any, W: Any, blocks: tuple[Any, ...]) -> Any:
     # Both products keep the blocks' row layout: (p, 1, rows) @ (p, rows, d), not the
     # transpose, which XLA would write out (five times slower on the CPU).
     H = [xp.permute_dims(blk @ W[:, :, None], (0, 2, 1)) for blk in blocks]  # (p, 1, rows)
-    before = xp.sqrt(xp.sum(W * W, axis=1))
+    before = xp.linalg.vector_norm(W, axis=1)  # one pass, no temporary
     for blk, h in zip(blocks, H):
         W = W - (h @ blk)[:, 0, :]
-    after = xp.sqrt(xp.sum(W * W, axis=1))
+    after = xp.linalg.vector_norm(W, axis=1)
     coeffs = xp.permute_dims(xp.concat(H, axis=2)[:, 0, :], (1, 0))
     return W, xp.concat([before[None, :], after[None, :], coeffs], axis=0)
 
@@ -156,7 +156,7 @@ def _project(xp: Any, W: Any, *blocks: Any) -> Any:
 
 
 def _lanczos_step(xp: Any, V: Any, AV: Any, V_prev: Any, beta_prev: Any, *blocks: Any) -> Any:
-    a = xp.sum(V * AV, axis=1)
+    a = xp.vecdot(V, AV, axis=1)
     W = AV - a[:, None] * V - beta_prev[:, None] * V_prev
     W, stats = _gram_schmidt(xp, W, blocks)
     return W, xp.concat([a[None, :], stats], axis=0)
