@@ -104,6 +104,7 @@ __all__ = [
     "IdentityOperator",
     "LinearOperator",
     "LossError",
+    "NonFiniteError",
     "RandomnessError",
     "ShapeError",
     "UnknownOptionError",
