@@ -1,7 +1,7 @@
 """The ``hessop`` command line.
 
 ``hessop bench`` measures what a Hessian-vector product (HVP) costs next to a gradient, on
-the reference models of :mod:`hessop.models.reference`, in every installed framework:
+the reference models of :mod:`hessop.bench.reference`, in every installed framework:
 
 * ``gradient``: the fastest plain gradient (torch: ``torch.autograd.grad`` on the module;
   JAX: ``jax.jit(jax.grad(f))``), the unit of every ratio;
@@ -197,7 +197,7 @@ def _torch_case(model_name: str, config: BenchConfig) -> Case:
     from torch.func import functional_call, grad, jvp
 
     import hessop
-    from hessop.models import reference as R
+    from hessop.bench import reference as R
 
     spec = R.get_reference(model_name, **config.overrides(model_name))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -410,7 +410,7 @@ def _jax_case(model_name: str, config: BenchConfig) -> Case:
     import numpy as np
 
     import hessop
-    from hessop.models import reference as R
+    from hessop.bench import reference as R
 
     if config.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
