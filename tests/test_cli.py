@@ -22,7 +22,7 @@ from hessop import __version__, cli
 from hessop.bench import cases, report, runner
 from hessop.bench.config import BENCH_MODES, PEERS, QUICK_BATCH_SIZE, BenchConfig
 from hessop.bench.memory import RSS_METHOD, resolution_bytes
-from hessop.bench.progress import Progress
+from hessop.bench.progress import Progress, prior_s
 from hessop.bench.timing import percentile, summarize
 
 HAS_TORCH = runner.installed("torch")
@@ -366,12 +366,14 @@ class _Tty(io.StringIO):
 
 
 def test_progress_counts_every_phase():
-    plan = [("warm-up", "torch", 3), ("timing", "torch", 6), ("memory", "torch", 2)]
+    plan = [("warm-up", "torch", "mlp", 3), ("timing", "torch", "mlp", 6)]
+    plan += [("memory", "torch", "mlp", 2), ("warm-up", "jax", "mlp", 3)]
     log = io.StringIO()
     p = Progress(plan, stream=log)
-    before = p.remaining_s()
-    # the memory phase weighs in: 2 processes of 2.5 s against 3 x 0.1 s and 6 x 0.05 s
-    assert before == pytest.approx(0.3 + 0.3 + 5.0)
+    # the memory phase weighs in with its own cost per step
+    expected = {(kind, fw): steps * prior_s(kind, fw, model) for kind, fw, model, steps in plan}
+    assert p.remaining_s() == pytest.approx(sum(expected.values()))
+    assert expected[("memory", "torch")] > 10 * expected[("timing", "torch")]
     p.phase("warm-up", "torch", "mlp", 3)
     for _ in range(3):
         p.tick("call")
@@ -391,6 +393,27 @@ def test_progress_counts_every_phase():
     p.phase("warm-up", "torch", "mlp", 3)
     p.close()
     assert silent.getvalue() == ""
+
+
+def test_progress_learns_the_speed_of_each_kind(monkeypatch):
+    from hessop.bench import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    plan = [("warm-up", "torch", "mlp", 2), ("timing", "torch", "mlp", 2)]
+    plan += [("warm-up", "jax", "cnn", 1)]
+    p = Progress(plan, enabled=False)
+    jax_warm_up = prior_s("warm-up", "jax", "cnn")
+    p.phase("warm-up", "torch", "mlp", 2)
+    for _ in range(2):  # warm-up calls 10x slower than their prior (one-off imports) ...
+        clock[0] += 10 * prior_s("warm-up", "torch", "mlp")
+        p.tick("call")
+    # ... say nothing about the load: JAX's compilations keep their prior
+    assert p.remaining_s() == pytest.approx(2 * prior_s("timing", "torch", "mlp") + jax_warm_up)
+    p.phase("timing", "torch", "mlp", 2)
+    clock[0] += 3 * prior_s("timing", "torch", "mlp")  # timed rounds 3x slower: the load
+    p.tick("call")
+    assert p.remaining_s() == pytest.approx(3 * prior_s("timing", "torch", "mlp") + 3 * jax_warm_up)
 
 
 @needs_torch
@@ -418,6 +441,25 @@ def test_new_rows_plug_into_the_registry(monkeypatch):
     assert "custom:double-gradient" in report.format_table(
         _report({**_entry("torch", "mlp", {"gradient": 1.0}, "rev-rev"), "measurements": stats})
     )
+
+
+@pytest.mark.parametrize(("present", "absent"), [("torch", "jax"), ("jax", "torch")])
+def test_each_framework_alone(present, absent):
+    # hessop, the command line and a case of the present framework never import the other
+    if not runner.installed(present):
+        pytest.skip(f"{present} not installed")
+    code = f"""
+import sys
+sys.modules[{absent!r}] = None
+import hessop.cli
+from hessop.bench.cases import build_case
+from hessop.bench.config import BenchConfig
+case = build_case({present!r}, "mlp", BenchConfig.quick_defaults())
+assert case.setup.auto_mode and "gradient" in case.rows
+assert not [m for m in sys.modules if m.startswith({absent!r} + ".")]
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
 
 @needs_torch

@@ -92,7 +92,10 @@ def measure_peak(case: Case, name: str) -> tuple[int, str]:
     """Peak memory (bytes) that one call of row ``name``'s memory callable adds, and the
     method. The call runs once first (compilation, lazy initialization, allocator warm-up)."""
     fn = case.rows[name].memory
-    assert fn is not None, f"row {name!r} has no memory callable"
+    if fn is None:
+        raise ValueError(
+            f"row {name!r} has no memory callable; measured rows: {case.memory_names()}"
+        )
     case.sync(fn())
     gc.collect()
     if case.framework == "torch" and case.setup.device.startswith("cuda"):

@@ -1,16 +1,19 @@
 """Progress of a bench run: one bar on a terminal, a line per phase otherwise.
 
 A run is a list of phases (per framework and model: the warm-up calls, the timed rounds,
-the memory processes). The time left is estimated per phase from the seconds per step
-measured so far for the same kind of phase and framework (a JAX warm-up compiles, a memory
-step starts a process), so the memory phase counts in the bar with its real weight.
+the memory processes). The time left is the sum over the phases left of their steps times
+an estimate of the seconds per step: a prior for that kind of phase, framework and model
+(a JAX warm-up call compiles, a memory step is a fresh process), scaled by how much slower
+than its prior the same kind of phase ran so far in this framework, else by how much
+slower the timed rounds and memory processes ran so far (the machine's load). The memory
+phase thus counts in the bar with its real weight.
 
 Examples
 --------
 >>> import io
 >>> from hessop.bench.progress import Progress, format_duration
 >>> out = io.StringIO()
->>> p = Progress([("timing", "torch", 2)], stream=out)
+>>> p = Progress([("timing", "torch", "mlp", 2)], stream=out)
 >>> p.phase("timing", "torch", "mlp", 2); p.tick("a"); p.tick("b"); p.close()
 >>> out.getvalue().splitlines()[-1].startswith("hessop bench: torch mlp: timing, 2 calls in")
 True
@@ -26,21 +29,30 @@ import time
 from collections import defaultdict
 from typing import Any, TextIO
 
-#: seconds per step of (kind, framework) on the default models on two quiet CPU cores;
-#: scaled by how fast the steps measured so far ran against these figures (JAX's warm-up
-#: calls compile; a memory step is a fresh process)
-_PRIOR_S = {
-    ("warm-up", "torch"): 0.1,
-    ("warm-up", "jax"): 2.0,
-    ("timing", "torch"): 0.05,
-    ("timing", "jax"): 0.05,
-    ("memory", "torch"): 2.5,
-    ("memory", "jax"): 5.0,
+#: seconds per step of (kind, framework) per model, at the default sizes on two quiet CPU
+#: cores (a memory step: one fresh process, two running side by side)
+_PRIOR_S: dict[tuple[str, str], dict[str, float]] = {
+    ("warm-up", "torch"): {"mlp": 0.13, "cnn": 0.04, "transformer": 0.05},
+    ("warm-up", "jax"): {"mlp": 0.5, "cnn": 1.75, "transformer": 4.1},
+    ("timing", "torch"): {"mlp": 0.015, "cnn": 0.035, "transformer": 0.04},
+    ("timing", "jax"): {"mlp": 0.012, "cnn": 0.033, "transformer": 0.03},
+    ("memory", "torch"): {"mlp": 2.0, "cnn": 3.5, "transformer": 3.5},
+    ("memory", "jax"): {"mlp": 2.5, "cnn": 4.5, "transformer": 7.0},
 }
 _UNITS = {"warm-up": "calls", "timing": "calls", "memory": "processes"}
 
-#: (kind, framework, steps) of one phase of the plan
-Phase = tuple[str, str, int]
+#: (kind, framework, model, steps) of one phase of the plan
+Phase = tuple[str, str, str, int]
+
+
+def prior_s(kind: str, framework: str, model: str) -> float:
+    """The prior seconds per step of a phase (1 s for a kind or framework without one).
+
+    >>> prior_s("memory", "jax", "transformer"), prior_s("timing", "numpy", "mlp")
+    (7.0, 1.0)
+    """
+    table = _PRIOR_S.get((kind, framework), {})
+    return table.get(model, sum(table.values()) / len(table) if table else 1.0)
 
 
 def format_duration(seconds: float) -> str:
@@ -63,6 +75,7 @@ class Progress:
         self._stream = sys.stderr if stream is None else stream
         self._enabled = enabled
         self._lock = threading.Lock()
+        # (kind, framework) -> [seconds measured, seconds the priors expected]
         self._spent: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._start = time.perf_counter()
         self._current: dict[str, Any] | None = None
@@ -83,26 +96,27 @@ class Progress:
         )
 
     # ---------------------------------------------------------------- estimates
-    def _rate(self, kind: str, framework: str) -> float:
-        """Seconds per step of ``kind`` in ``framework``: as measured so far, else the prior
-        scaled by the speed of the steps measured so far."""
-        secs, steps = self._spent[(kind, framework)]
-        if steps:
-            return secs / steps
-        prior = _PRIOR_S.get((kind, framework), 1.0)
-        spent = sum(v[0] for v in self._spent.values())
-        expected = sum(v[1] * _PRIOR_S.get(key, 1.0) for key, v in self._spent.items())
-        return prior * spent / expected if expected else prior
+    def _factor(self, kind: str, framework: str) -> float:
+        """How much slower than the priors this kind of phase runs here."""
+        secs, expected = self._spent[(kind, framework)]
+        if expected:
+            return secs / expected
+        load = [v for (k, _), v in self._spent.items() if k != "warm-up" and v[1]]
+        if load:  # warm-up calls include one-off imports: not a measure of the load
+            return sum(v[0] for v in load) / sum(v[1] for v in load)
+        return 1.0
+
+    def _phase_s(self, kind: str, framework: str, model: str, steps: float) -> float:
+        return steps * prior_s(kind, framework, model) * self._factor(kind, framework)
 
     def remaining_s(self) -> float:
         """Estimated seconds left in the run."""
-        left = 0.0
         cur = self._current
+        left = 0.0
         if cur is not None:
-            left += (cur["steps"] - cur["done"]) * self._rate(cur["kind"], cur["framework"])
-        for kind, framework, steps in self._plan:
-            left += steps * self._rate(kind, framework)
-        return left
+            steps = cur["steps"] - cur["done"]
+            left += self._phase_s(cur["kind"], cur["framework"], cur["model"], steps)
+        return left + sum(self._phase_s(*phase) for phase in self._plan)
 
     # ---------------------------------------------------------------- events
     def phase(self, kind: str, framework: str, model: str, steps: int) -> None:
@@ -117,6 +131,7 @@ class Progress:
                 "label": label,
                 "kind": kind,
                 "framework": framework,
+                "model": model,
                 "steps": steps,
                 "done": 0,
                 "t0": now,
@@ -131,9 +146,9 @@ class Progress:
             if cur is None:
                 return
             now = time.perf_counter()
-            key = (cur["kind"], cur["framework"])
-            self._spent[key][0] += now - cur["last"]
-            self._spent[key][1] += 1
+            spent = self._spent[(cur["kind"], cur["framework"])]
+            spent[0] += now - cur["last"]
+            spent[1] += prior_s(cur["kind"], cur["framework"], cur["model"])
             cur["done"] += 1
             cur["last"] = now
             self._refresh(desc)

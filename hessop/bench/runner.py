@@ -5,7 +5,8 @@ Examples
 --------
 >>> from hessop.bench.config import BenchConfig
 >>> from hessop.bench.runner import run_bench
->>> report = run_bench(BenchConfig.quick_defaults(frameworks=["torch"], repeats=1), progress=False)
+>>> config = BenchConfig.quick_defaults(frameworks=["torch"], modes=["rev-rev"], repeats=1)
+>>> report = run_bench(config, progress=False)
 >>> [(e["framework"], e["model"], e["auto_mode"]) for e in report["results"]]
 [('torch', 'mlp', 'rev-rev')]
 """
@@ -67,10 +68,10 @@ def _plan(config: BenchConfig, frameworks: list[str]) -> list[Phase]:
     plan: list[Phase] = []
     for fw in frameworks:
         n = rows + (len(PEERS) if config.peers and fw == "torch" else 0)
-        for _ in config.models:
-            plan += [("warm-up", fw, n), ("timing", fw, config.repeats * n)]
+        for model in config.models:
+            plan += [("warm-up", fw, model, n), ("timing", fw, model, config.repeats * n)]
             if config.memory != "off":
-                plan.append(("memory", fw, memory))
+                plan.append(("memory", fw, model, memory))
     return plan
 
 
