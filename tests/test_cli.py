@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,9 +125,11 @@ def test_progress_without_a_terminal_is_a_line_per_phase(quick_subprocess):
     err = quick_subprocess[0].stderr
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("hessop bench: ")]
-    # per framework: the warm-up calls, then the timed rounds
-    assert len(lines) == 2 * len(quick_subprocess[0].stdout.split(" / mlp")[:-1])
-    assert "warm-up, 10 calls in" in lines[0] and "timing, 50 calls in" in lines[1]
+    # per framework: building the case, the warm-up calls, the timed rounds
+    assert len(lines) == 3 * len(quick_subprocess[0].stdout.split(" / mlp")[:-1])
+    assert re.match(r"hessop bench: (torch|jax) mlp: build, 1 case in", lines[0])
+    assert "warm-up, 10 calls in" in lines[1] and "timing, 50 calls in" in lines[2]
+    assert all("left" in line for line in lines[:-1])
 
 
 @needs_torch

@@ -1,12 +1,12 @@
 """Progress of a bench run: one bar on a terminal, a line per phase otherwise.
 
-A run is a list of phases (per framework and model: the warm-up calls, the timed rounds,
-the memory processes). The time left is the sum over the phases left of their steps times
-an estimate of the seconds per step: a prior for that kind of phase, framework and model
-(a JAX warm-up call compiles, a memory step is a fresh process), scaled by how much slower
-than its prior the same kind of phase ran so far in this framework, else by how much
-slower the timed rounds and memory processes ran so far (the machine's load). The memory
-phase thus counts in the bar with its real weight.
+A run is a list of phases (per framework and model: building the case, the warm-up calls,
+the timed rounds, the memory processes). The time left is the sum over the phases left of
+their steps times an estimate of the seconds per step: a prior for that kind of phase,
+framework and model (a JAX warm-up call compiles, a memory step is a fresh process),
+scaled by how much slower than its prior the same kind of phase ran so far in this
+framework, else by how much slower the timed rounds and memory processes ran so far (the
+machine's load). The memory phase thus counts in the bar with its real weight.
 
 Examples
 --------
@@ -32,6 +32,9 @@ from typing import Any, TextIO
 #: seconds per step of (kind, framework) per model, at the default sizes on two quiet CPU
 #: cores (a memory step: one fresh process, two running side by side)
 _PRIOR_S: dict[tuple[str, str], dict[str, float]] = {
+    # building the first case imports the framework
+    ("build", "torch"): {"mlp": 1.5, "cnn": 0.05, "transformer": 0.05},
+    ("build", "jax"): {"mlp": 1.5, "cnn": 0.05, "transformer": 0.05},
     ("warm-up", "torch"): {"mlp": 0.13, "cnn": 0.04, "transformer": 0.05},
     ("warm-up", "jax"): {"mlp": 0.5, "cnn": 1.75, "transformer": 4.1},
     ("timing", "torch"): {"mlp": 0.015, "cnn": 0.035, "transformer": 0.04},
@@ -39,7 +42,9 @@ _PRIOR_S: dict[tuple[str, str], dict[str, float]] = {
     ("memory", "torch"): {"mlp": 2.0, "cnn": 3.5, "transformer": 3.5},
     ("memory", "jax"): {"mlp": 2.5, "cnn": 4.5, "transformer": 7.0},
 }
-_UNITS = {"warm-up": "calls", "timing": "calls", "memory": "processes"}
+_UNITS = {"build": "case", "warm-up": "calls", "timing": "calls", "memory": "processes"}
+#: phases whose speed says nothing about the machine's load (one-off imports, compilation)
+_ONE_OFF = ("build", "warm-up")
 
 #: (kind, framework, model, steps) of one phase of the plan
 Phase = tuple[str, str, str, int]
@@ -101,8 +106,8 @@ class Progress:
         secs, expected = self._spent[(kind, framework)]
         if expected:
             return secs / expected
-        load = [v for (k, _), v in self._spent.items() if k != "warm-up" and v[1]]
-        if load:  # warm-up calls include one-off imports: not a measure of the load
+        load = [v for (k, _), v in self._spent.items() if k not in _ONE_OFF and v[1]]
+        if load:
             return sum(v[0] for v in load) / sum(v[1] for v in load)
         return 1.0
 

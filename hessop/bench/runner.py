@@ -69,6 +69,7 @@ def _plan(config: BenchConfig, frameworks: list[str]) -> list[Phase]:
     for fw in frameworks:
         n = rows + (len(PEERS) if config.peers and fw == "torch" else 0)
         for model in config.models:
+            plan.append(("build", fw, model, 1))
             plan += [("warm-up", fw, model, n), ("timing", fw, model, config.repeats * n)]
             if config.memory != "off":
                 plan.append(("memory", fw, model, memory))
@@ -97,7 +98,9 @@ def _add_memory(entry: dict[str, Any], mem: dict[str, tuple[int, int]], method: 
 def _run_case(
     framework: str, model: str, config: BenchConfig, progress: Progress, notes: list[str]
 ) -> dict[str, Any]:
+    progress.phase("build", framework, model, 1)
     case = build_case(framework, model, config)
+    progress.tick(f"{framework} {model}: built")
     timings = time_case(
         case,
         config.repeats,
