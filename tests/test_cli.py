@@ -403,20 +403,26 @@ def test_progress_learns_the_speed_of_each_kind(monkeypatch):
 
     clock = [0.0]
     monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
-    plan = [("warm-up", "torch", "mlp", 2), ("timing", "torch", "mlp", 2)]
+    plan = [("warm-up", "torch", "mlp", 3), ("timing", "torch", "mlp", 3)]
     plan += [("warm-up", "jax", "cnn", 1)]
     p = Progress(plan, enabled=False)
+    warm_up, timing = prior_s("warm-up", "torch", "mlp"), prior_s("timing", "torch", "mlp")
     jax_warm_up = prior_s("warm-up", "jax", "cnn")
-    p.phase("warm-up", "torch", "mlp", 2)
-    for _ in range(2):  # warm-up calls 10x slower than their prior (one-off imports) ...
-        clock[0] += 10 * prior_s("warm-up", "torch", "mlp")
+
+    def step(seconds: float) -> None:
+        clock[0] += seconds
         p.tick("call")
-    # ... say nothing about the load: JAX's compilations keep their prior
-    assert p.remaining_s() == pytest.approx(2 * prior_s("timing", "torch", "mlp") + jax_warm_up)
-    p.phase("timing", "torch", "mlp", 2)
-    clock[0] += 3 * prior_s("timing", "torch", "mlp")  # timed rounds 3x slower: the load
-    p.tick("call")
-    assert p.remaining_s() == pytest.approx(3 * prior_s("timing", "torch", "mlp") + 3 * jax_warm_up)
+
+    p.phase("warm-up", "torch", "mlp", 3)
+    step(40 * warm_up)  # a first call that imports a module is no trend ...
+    step(10 * warm_up)
+    step(10 * warm_up)  # ... the other calls are: 10x slower than their prior
+    assert p._factor("warm-up", "torch") == pytest.approx(10)
+    # warm-up calls say nothing about the load: JAX's compilations keep their prior
+    assert p.remaining_s() == pytest.approx(3 * timing + jax_warm_up)
+    p.phase("timing", "torch", "mlp", 3)
+    step(3 * timing)  # timed rounds 3x slower: the load, which JAX's warm-up gets too
+    assert p.remaining_s() == pytest.approx(2 * 3 * timing + 3 * jax_warm_up)
 
 
 @needs_torch

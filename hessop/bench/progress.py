@@ -23,6 +23,7 @@ True
 
 from __future__ import annotations
 
+import statistics
 import sys
 import threading
 import time
@@ -80,8 +81,8 @@ class Progress:
         self._stream = sys.stderr if stream is None else stream
         self._enabled = enabled
         self._lock = threading.Lock()
-        # (kind, framework) -> [seconds measured, seconds the priors expected]
-        self._spent: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        # (kind, framework) -> each step's seconds over its prior
+        self._ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
         self._start = time.perf_counter()
         self._current: dict[str, Any] | None = None
         self._bar = self._make_bar() if enabled and _isatty(self._stream) else None
@@ -97,19 +98,18 @@ class Progress:
             file=self._stream,
             leave=False,
             dynamic_ncols=True,
-            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}, {postfix}",
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}{postfix}",
         )
 
     # ---------------------------------------------------------------- estimates
     def _factor(self, kind: str, framework: str) -> float:
-        """How much slower than the priors this kind of phase runs here."""
-        secs, expected = self._spent[(kind, framework)]
-        if expected:
-            return secs / expected
-        load = [v for (k, _), v in self._spent.items() if k not in _ONE_OFF and v[1]]
-        if load:
-            return sum(v[0] for v in load) / sum(v[1] for v in load)
-        return 1.0
+        """How much slower than the priors this kind of phase runs here: the median over
+        its steps so far (one step that imports a module is no trend)."""
+        own = self._ratios.get((kind, framework))
+        if own:
+            return statistics.median(own)
+        load = [r for (k, _), rs in self._ratios.items() if k not in _ONE_OFF for r in rs]
+        return statistics.median(load) if load else 1.0
 
     def _phase_s(self, kind: str, framework: str, model: str, steps: float) -> float:
         return steps * prior_s(kind, framework, model) * self._factor(kind, framework)
@@ -151,9 +151,8 @@ class Progress:
             if cur is None:
                 return
             now = time.perf_counter()
-            spent = self._spent[(cur["kind"], cur["framework"])]
-            spent[0] += now - cur["last"]
-            spent[1] += prior_s(cur["kind"], cur["framework"], cur["model"])
+            prior = prior_s(cur["kind"], cur["framework"], cur["model"])
+            self._ratios[(cur["kind"], cur["framework"])].append((now - cur["last"]) / prior)
             cur["done"] += 1
             cur["last"] = now
             self._refresh(desc)
