@@ -335,6 +335,10 @@ def test_summary_picks_the_fastest_mode_and_compares():
     assert "peak memory: not measured" in text
     # no peers asked for: say how to get them
     assert "add --peers" in report.format_summary(_report(torch_mlp))
+    # the auto mode not among --modes
+    jax_cnn["measurements"].pop("hvp:fwd-rev")
+    text = report.format_summary(_report(jax_cnn))
+    assert "fwd-rev -" in text and "mode='auto' (fwd-rev) was not among --modes" in text
 
 
 def test_memory_ratio_only_above_resolution():

@@ -20,12 +20,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+from hessop.bench.cases import Thunk
 from hessop.bench.config import PEERS, installed
-
-Thunk = Callable[[], Any]
 
 
 @contextlib.contextmanager

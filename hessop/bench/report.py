@@ -275,7 +275,11 @@ def _cells(values: Iterable[str]) -> str:
 
 
 def _summary_row(s: dict[str, Any]) -> str:
-    auto = "same" if s["auto_mode"] == s["best_mode"] else f"{s['auto_mode']} {s['auto_ratio']:.2f}"
+    if s["auto_mode"] == s["best_mode"]:
+        auto = "same"
+    else:  # "-": the auto mode was not among --modes
+        ratio = s.get("auto_ratio")
+        auto = f"{s['auto_mode']} {'-' if ratio is None else f'{ratio:.2f}'}"
     matvec = f"{s['matvec_ratio']:.2f}" if s.get("matvec_ratio") is not None else "-"
     over = f"{100 * s['overhead']:+.0f}%" if s.get("overhead") is not None else "-"
     if "memory_resolved" not in s:
@@ -302,9 +306,11 @@ def _mode_advice(fw: str, rows: list[dict[str, Any]]) -> str:
     auto = rows[0]["auto_mode"]
     gaps = [s["auto_ratio"] / s["best_ratio"] - 1 for s in rows if s.get("auto_ratio")]
     verdict = f"mode='auto' ({auto})"
-    if gaps and max(gaps) >= 0.01:
+    if not gaps:
+        verdict += " was not among --modes"
+    elif max(gaps) >= 0.01:
         verdict += f" is at most {100 * max(gaps):.0f}% slower than the fastest"
-    elif gaps and max(gaps) > 0:
+    elif max(gaps) > 0:
         verdict += " is within 1% of the fastest"
     else:
         verdict += " is the fastest"
