@@ -5,8 +5,8 @@ the timed rounds, the memory processes). The time left is the sum over the phase
 their steps times an estimate of the seconds per step: a prior for that kind of phase,
 framework and model (a JAX warm-up call compiles, a memory step is a fresh process),
 scaled by how much slower than its prior the same kind of phase ran so far in this
-framework, else by how much slower the timed rounds and memory processes ran so far (the
-machine's load). The memory phase thus counts in the bar with its real weight.
+framework, else by the typical slowdown of the kinds run so far (the machine's load). The
+memory phase thus counts in the bar with its real weight.
 
 Examples
 --------
@@ -36,7 +36,7 @@ _PRIOR_S: dict[tuple[str, str], dict[str, float]] = {
     # building the first case imports the framework
     ("build", "torch"): {"mlp": 1.5, "cnn": 0.05, "transformer": 0.05},
     ("build", "jax"): {"mlp": 1.5, "cnn": 0.05, "transformer": 0.05},
-    ("warm-up", "torch"): {"mlp": 0.13, "cnn": 0.04, "transformer": 0.05},
+    ("warm-up", "torch"): {"mlp": 0.05, "cnn": 0.04, "transformer": 0.05},
     ("warm-up", "jax"): {"mlp": 0.5, "cnn": 1.75, "transformer": 4.1},
     ("timing", "torch"): {"mlp": 0.015, "cnn": 0.035, "transformer": 0.04},
     ("timing", "jax"): {"mlp": 0.012, "cnn": 0.033, "transformer": 0.03},
@@ -44,8 +44,6 @@ _PRIOR_S: dict[tuple[str, str], dict[str, float]] = {
     ("memory", "jax"): {"mlp": 2.5, "cnn": 4.5, "transformer": 7.0},
 }
 _UNITS = {"build": "case", "warm-up": "calls", "timing": "calls", "memory": "processes"}
-#: phases whose speed says nothing about the machine's load (one-off imports, compilation)
-_ONE_OFF = ("build", "warm-up")
 
 #: (kind, framework, model, steps) of one phase of the plan
 Phase = tuple[str, str, str, int]
@@ -103,13 +101,16 @@ class Progress:
 
     # ---------------------------------------------------------------- estimates
     def _factor(self, kind: str, framework: str) -> float:
-        """How much slower than the priors this kind of phase runs here: the median over
-        its steps so far (one step that imports a module is no trend)."""
+        """How much slower than its priors a kind of phase runs here: the median over its
+        steps so far (one step that imports a module is no trend); for a kind not run yet,
+        the median over the kinds run so far (one kind that suffers most from a busy
+        machine, such as torch's timed calls with two threads on shared cores, is no
+        measure of the others)."""
         own = self._ratios.get((kind, framework))
         if own:
             return statistics.median(own)
-        load = [r for (k, _), rs in self._ratios.items() if k not in _ONE_OFF for r in rs]
-        return statistics.median(load) if load else 1.0
+        others = [statistics.median(rs) for rs in self._ratios.values() if rs]
+        return statistics.median(others) if others else 1.0
 
     def _phase_s(self, kind: str, framework: str, model: str, steps: float) -> float:
         return steps * prior_s(kind, framework, model) * self._factor(kind, framework)
