@@ -189,6 +189,12 @@ class StreamedOperator(LinearOperator):
         """After the first product (of a nonzero ``V``) or gradient: an exactly zero result
         raises when the loss does not depend on the parameters at all (a function that
         ignores them); a loss that is flat at the point passes."""
+        known = self._kernel.dependence_known(self._point, args)
+        if known is not None:
+            self._verified = True
+            if not known:
+                raise self.loss.independent_error()
+            return
         xp = self.xp
         if self._bk.is_tracer(out) or (V is not None and self._bk.is_tracer(V)):
             return  # inside a transformation: values are not known

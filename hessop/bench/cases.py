@@ -11,16 +11,13 @@ Adding rows
 Write a builder ``rows(setup, config) -> Iterable[Row]`` and append it to :data:`ROWS`
 (order = table order). A row is timed in every round; give it ``memory=`` to also measure
 its peak memory in a fresh process, and ``inputs=`` to say which vectors it holds before
-its call. Rows that do not exist yet but have their place here: model-level rows
-(``model_hessian(setup.model, setup.loss_fn, (x, y), params=setup.model_params)`` built
-alone, its product at a new point, ``model_hvp``) and torch/JAX compile cold and warm rows.
-The report, the summary and the plot pick new rows up by name (``kind:detail``).
+its call. The report, the summary and the plot pick new rows up by name (``kind:detail``).
 
 Examples
 --------
 >>> from hessop.bench.cases import ROWS, Row
 >>> [builder.__name__ for builder in ROWS]
-['gradient_rows', 'new_point_rows', 'compiled_rows', 'reused_rows', 'peer_rows']
+['gradient_rows', 'new_point_rows', 'compiled_rows', 'reused_rows', 'model_rows', 'peer_rows']
 >>> Row("gradient", run=lambda: 0.0).inputs
 'v'
 """
@@ -172,6 +169,28 @@ def reused_rows(s: Setup, config: BenchConfig) -> Iterator[Row]:
     yield Row("matmat", matmat, inputs="V")
 
 
+def model_rows(s: Setup, config: BenchConfig) -> Iterator[Row]:
+    """The model-level API where users call it: ``model:build`` (``model_hessian`` on a new
+    batch, built alone), ``model:hvp`` (built and one product at the new point, to compare
+    with ``hand:<auto mode>``) and ``model:model_hvp`` (the one-call convenience)."""
+    import hessop
+
+    data = (s.x, s.y)
+
+    def build() -> Any:
+        return hessop.model_hessian(s.model, s.loss_fn, data, params=s.model_params)
+
+    def product() -> Any:
+        return build().matvec(s.v)
+
+    def one_call() -> Any:  # v is flat in hessop's layout, the model's layout too
+        return hessop.model_hvp(s.model, s.loss_fn, s.x, s.y, s.v, params=s.model_params)
+
+    yield Row("model:build", build, inputs="")
+    yield Row("model:hvp", product)
+    yield Row("model:model_hvp", one_call)
+
+
 def peer_rows(s: Setup, config: BenchConfig) -> Iterator[Row]:
     """``peer:<name>`` (``--peers``): the peer libraries' products on the same model."""
     if config.peers and s.peers is not None:
@@ -187,6 +206,7 @@ ROWS: list[RowBuilder] = [
     new_point_rows,
     compiled_rows,
     reused_rows,
+    model_rows,
     peer_rows,
 ]
 
