@@ -31,10 +31,10 @@ from . import _checks, _pytree, _rng
 from ._errors import DTypeError, ForwardModeUnsupportedError
 from ._hessian import place
 from ._inputs import convert_arg
+from ._layout import PointLayout
 from ._operator import LinearOperator
 from ._sharing import SharedFunctions, ShareKey
 from ._state import StateWatch
-from ._streamed import PointLayout
 from .backends import Backend, resolve_backend
 from .jacobians import output_array, random_function, translated
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from . import _pytree
 from ._errors import EmptyDataError, ShapeError
+from ._layout import PointLayout
 from ._operator import LinearOperator
 from ._sharing import ShareKey
 
@@ -103,41 +104,6 @@ class Batches:
         )
 
 
-class PointLayout:
-    """``ravel`` / ``unravel`` / ``params`` of an operator whose input vectors are flat in the
-    layout of a pytree point (mixed into a :class:`~hessop._operator.LinearOperator` that
-    holds ``spec``, ``_leaves`` and a ``watch``)."""
-
-    spec: _pytree.TreeSpec
-    _leaves: list[Any]
-    watch: Any
-
-    @property
-    def params(self) -> Any:
-        """The point at which the operator is taken, as a params-shaped pytree."""
-        self.watch.check()
-        return _pytree.unflatten(self.spec, list(self._leaves))
-
-    def ravel(self, tree: Any) -> Any:
-        """Flatten a params-shaped pytree into a vector in this operator's layout.
-
-        The layout is depth-first, dict entries in insertion order, each leaf in row-major
-        order; it is the same in every backend. Dicts are matched by key: a tree whose keys
-        come in another order (``jax.tree`` results are sorted) means the same vector.
-        """
-        leaves = _pytree.leaves_like(self.spec, tree)
-        for i, x in enumerate(leaves):
-            if self._bk.owns(x):
-                self._bk.check_device(x, self.device, f"leaf {i} of the pytree")
-        leaves = [self.asarray(x) for x in leaves]
-        return _pytree.ravel(self.xp, self.spec, leaves)
-
-    def unravel(self, v: Any) -> Any:
-        """Split a flat vector into a params-shaped pytree (inverse of :meth:`ravel`)."""
-        v = self._check(v, 1, self.spec.size, "unravel")
-        return _pytree.unflatten(self.spec, _pytree.unravel(self.xp, self.spec, v))
-
-
 class StreamedOperator(PointLayout, LinearOperator):
     """A symmetric curvature matrix of a loss over its batches, at one point.
 
@@ -173,14 +139,14 @@ class StreamedOperator(PointLayout, LinearOperator):
         self.cache = bool(cache) and kernel.linearizable and not batches.streamed
         self.chunk_size = chunk_size
         self._linearization: Any = None  # the kernel's cache, from the second product on
-        self._count = 0
+        self._products = 0
         self._uses = 0  # streams run (products and gradients)
         self._verified = False  # whether a product or gradient proved the loss depends on p
         self._lock = threading.Lock()
         #: the key under which the kernel's compiled functions are shared (None: they are
         #: not), and the part of it that does not depend on the watched state
-        self.share: Any = None
-        self.share_prefix: tuple[Any, ...] = ()
+        self._share: Any = None
+        self._share_prefix: tuple[Any, ...] = ()
 
     # --- products -------------------------------------------------------------------------
     def _matvec(self, v: Any) -> Any:
@@ -211,8 +177,8 @@ class StreamedOperator(PointLayout, LinearOperator):
         if lin is not None:
             return self._kernel.apply(lin, V)
         with self._lock:
-            first = self._count == 0
-            self._count += 1
+            first = self._products == 0
+            self._products += 1
         if first and (V.ndim == 1 or V.shape[1] == 1):
             # A one-off product must not pay for the cache; a block's later columns use it.
             return self._kernel.product(self._point, args, V)
@@ -224,6 +190,12 @@ class StreamedOperator(PointLayout, LinearOperator):
         """After the first product (of a nonzero ``V``) or gradient: an exactly zero result
         raises when the loss does not depend on the parameters at all (a function that
         ignores them); a loss that is flat at the point passes."""
+        known = self._kernel.dependence_known(self._point, args)
+        if known is not None:
+            self._verified = True
+            if not known:
+                raise self.loss.independent_error()
+            return
         xp = self.xp
         if self._bk.is_tracer(out) or (V is not None and self._bk.is_tracer(V)):
             return  # inside a transformation: values are not known
@@ -251,7 +223,7 @@ class StreamedOperator(PointLayout, LinearOperator):
             acc = _scale(acc, 1.0 / total)
         self.watch.after_use()
         self._uses += 1
-        if self.share is not None and self._uses <= 2:
+        if self._share is not None and self._uses <= 2:
             self._rekey()
         return acc
 
@@ -261,10 +233,10 @@ class StreamedOperator(PointLayout, LinearOperator):
         compiled functions under the state it left behind, so the next operator in that
         state reuses them."""
         now = self.watch.rescanned()
-        parts = (*self.share_prefix, now.key())
-        if parts != self.share.parts:
-            self.share = ShareKey(parts, now.kept())
-            self._kernel.share_as(self.share)
+        parts = (*self._share_prefix, now.key())
+        if parts != self._share.parts:
+            self._share = ShareKey(parts, now.kept())
+            self._kernel.share_as(self._share)
 
     def _zero(self, like: Any) -> Any:
         if like is None:  # the gradient: (loss, flat gradient)
