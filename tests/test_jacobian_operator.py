@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse.linalg as spla
 
 import hessop
-from conftest import to_native, to_numpy
+from conftest import backend_params, to_native, to_numpy
 
 
 def _xp(x):
@@ -70,6 +70,8 @@ def test_products_match_dense_jacobian(backend):
     np.testing.assert_allclose(to_numpy(J.T @ a(u)), ref.T @ u, rtol=1e-12, atol=1e-14)
 
 
+# JAX slow (8 s of compiles): the torch run covers the algebra, the JAX products are above
+@pytest.mark.parametrize("backend", backend_params(slow=("jax",)))
 def test_gauss_newton_ntk_and_svds(backend):
     p, X = problem(backend, seed=2)
     J = hessop.jacobian_operator(net, p, X)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import hessop
-from conftest import to_native, to_numpy
+from conftest import backend_params, to_native, to_numpy
 
 
 def _xp(x):
@@ -253,6 +253,9 @@ def test_output_hessians_torch_equals_jax_and_closed_form():
         np.testing.assert_allclose(H, Q + np.swapaxes(Q, 1, 2), rtol=1e-12, atol=1e-13)
 
 
+# JAX slow (7 s of compiles): the torch run covers the scalar and dtype handling, which is
+# framework-neutral; the JAX output Hessians are checked by the tests around it
+@pytest.mark.parametrize("backend", backend_params(slow=("jax",)))
 def test_output_hessians_scalar_multidim_and_float32(backend):
     rng = np.random.default_rng(25)
     X = rng.standard_normal((2, 2))
