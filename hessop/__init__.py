@@ -25,6 +25,7 @@ from ._errors import (
 )
 from ._hessian import MODES, HessianOperator, hessian
 from ._hvp import hvp
+from ._jacobian_operator import JacobianOperator, jacobian_operator
 from ._operator import (
     CallableOperator,
     DenseOperator,
@@ -53,10 +54,11 @@ from .algorithms import (
     trace,
 )
 from .backends import available_backends, get_backend, register_backend
+from .jacobians import jacobian, output_hessians
 from .models._api import model_hessian, model_hvp
 from .models.fisher import FisherOperator, model_fisher
 from .models.ggn import GGNOperator, model_ggn
-from .per_sample import jacobian, per_sample_gradients, per_sample_hessians
+from .per_sample import per_sample_gradients, per_sample_hessians, per_sample_jacobians
 
 __version__ = "0.1.0"
 
@@ -83,8 +85,11 @@ __all__ = [
     # per-sample quantities and functional derivatives
     "hvp",
     "jacobian",
+    "jacobian_operator",
+    "output_hessians",
     "per_sample_gradients",
     "per_sample_hessians",
+    "per_sample_jacobians",
     # core
     "BackendNotAvailableError",
     "CallableOperator",
@@ -100,6 +105,7 @@ __all__ = [
     "HessianOperator",
     "HessopError",
     "IdentityOperator",
+    "JacobianOperator",
     "LinearOperator",
     "LossError",
     "NonFiniteError",

@@ -156,7 +156,9 @@ def check_scalar(out: Any, what: str, backend: Any) -> Any:
     if shape != ():
         raise LossError(
             f"{what} must return a scalar, but it returned shape {shape}; reduce it "
-            "with .mean() or .sum() (for per-sample quantities see "
+            "with .mean() or .sum() (for one Hessian per output of a vector-valued function "
+            "use hessop.output_hessians, for its Jacobian hessop.jacobian or "
+            "hessop.jacobian_operator; for per-sample quantities see "
             "hessop.per_sample_hessians)"
         )
     dtype = str(out.dtype)

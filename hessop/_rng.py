@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -68,3 +68,30 @@ def moved(backend: Any, states: tuple[Any, Any, Any]) -> str:
     if backend.rng_moved(states[2]):
         out.append(f"{backend.name}'s")
     return " and ".join(out)
+
+
+@contextlib.contextmanager
+def refuse_draws(backend: Any, error: Callable[[str], Exception]) -> Iterator[None]:
+    """Raise ``error(which)`` after the block if it drew from a global generator (``which``
+    names them, as :func:`moved` does), having put the generators back.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from hessop.backends import get_backend
+    >>> with refuse_draws(get_backend("numpy"), RuntimeError):
+    ...     _ = np.random.standard_normal(2)
+    Traceback (most recent call last):
+    ...
+    RuntimeError: numpy's
+    """
+    states = capture(backend)
+    which = ""
+    try:
+        yield
+    finally:
+        which = moved(backend, states)
+        if which:
+            restore(backend, states)
+    if which:
+        raise error(which)

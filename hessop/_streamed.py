@@ -28,6 +28,7 @@ from typing import Any
 
 from . import _pytree
 from ._errors import EmptyDataError, ShapeError
+from ._layout import PointLayout
 from ._operator import LinearOperator
 from ._sharing import ShareKey
 
@@ -103,7 +104,7 @@ class Batches:
         )
 
 
-class StreamedOperator(LinearOperator):
+class StreamedOperator(PointLayout, LinearOperator):
     """A symmetric curvature matrix of a loss over its batches, at one point.
 
     Not built directly: see :func:`hessop.hessian`, :func:`hessop.model_ggn`,
@@ -257,32 +258,6 @@ class StreamedOperator(LinearOperator):
     def gradient(self) -> Any:
         """The flat gradient of the loss at the point (over all the data)."""
         return self.loss_and_gradient()[1]
-
-    # --- layout ---------------------------------------------------------------------------
-    @property
-    def params(self) -> Any:
-        """The point at which the operator is taken, as a params-shaped pytree."""
-        self.watch.check()
-        return _pytree.unflatten(self.spec, list(self._leaves))
-
-    def ravel(self, tree: Any) -> Any:
-        """Flatten a params-shaped pytree into a vector in this operator's layout.
-
-        The layout is depth-first, dict entries in insertion order, each leaf in row-major
-        order; it is the same in every backend. Dicts are matched by key: a tree whose keys
-        come in another order (``jax.tree`` results are sorted) means the same vector.
-        """
-        leaves = _pytree.leaves_like(self.spec, tree)
-        for i, x in enumerate(leaves):
-            if self._bk.owns(x):
-                self._bk.check_device(x, self.device, f"leaf {i} of the pytree")
-        leaves = [self.asarray(x) for x in leaves]
-        return _pytree.ravel(self.xp, self.spec, leaves)
-
-    def unravel(self, v: Any) -> Any:
-        """Split a flat vector into a params-shaped pytree (inverse of :meth:`ravel`)."""
-        v = self._check(v, 1, self.shape[0], "unravel")
-        return _pytree.unflatten(self.spec, _pytree.unravel(self.xp, self.spec, v))
 
 
 def _scale(y: Any, a: float) -> Any:

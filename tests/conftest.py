@@ -28,13 +28,17 @@ def has_framework(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def backend_params(names: tuple[str, ...] = BACKENDS) -> list[Any]:
-    """``pytest.param`` per backend, skipped when the framework is not installed."""
+def backend_params(names: tuple[str, ...] = BACKENDS, slow: tuple[str, ...] = ()) -> list[Any]:
+    """``pytest.param`` per backend, skipped when the framework is not installed; those in
+    ``slow`` marked slow (for a test whose code a fast test covers in that framework)."""
     return [
         pytest.param(
             name,
             id=name,
-            marks=pytest.mark.skipif(not has_framework(name), reason=f"{name} not installed"),
+            marks=[
+                pytest.mark.skipif(not has_framework(name), reason=f"{name} not installed"),
+                *([pytest.mark.slow] if name in slow else []),
+            ],
         )
         for name in names
     ]

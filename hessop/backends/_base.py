@@ -302,15 +302,30 @@ class Transforms:
     """vmap / grad / jvp / vjp / jacfwd / jacrev of one framework, plus array helpers."""
 
     name = "?"
+    #: whether :meth:`jit` compiles (then compiled functions are worth sharing)
+    compiles = False
     #: how :func:`hessop.per_sample_hessians` batches: "summed-gradient" or "vmap-hessian"
     per_sample_hessian = "vmap-hessian"
+    #: how :func:`hessop.per_sample_jacobians` batches each AD mode: "summed-output" (one
+    #: JVP or VJP of the whole batch per coordinate) or "vmap-jacobian" (vmap of jacfwd or
+    #: jacrev); chosen by measurement (benchmarks/per_sample.py)
+    per_sample_jacfwd = "vmap-jacobian"
+    per_sample_jacrev = "vmap-jacobian"
+    #: how :func:`hessop.output_hessians` differentiates: "reverse-over-reverse" (a vmap
+    #: over outputs of jacrev of a gradient) or "forward-over-reverse" (jacfwd of jacrev).
+    #: Reverse-over-reverse needs no forward-mode rule and ran faster in torch (1.2-1.5x)
+    #: and under jax.jit (1.4-3x; eager JAX within 1.3x either way; benchmarks/per_sample.py)
+    output_hessian = "reverse-over-reverse"
 
     def __init__(self, bk: Backend) -> None:
         self.bk = bk
         self.xp = bk.xp
 
-    def context(self) -> contextlib.AbstractContextManager:
-        """The framework settings every transform runs under (restored on exit)."""
+    def context(self, graph: bool = True) -> contextlib.AbstractContextManager:
+        """The framework settings every transform runs under (restored on exit).
+
+        ``graph=False``: the results keep no graph to the inputs or to what the function
+        closes over (torch: no autograd graph is recorded outside the transforms)."""
         return contextlib.nullcontext()
 
     def vmap(self, fn: Callable, in_axes: Any, randomness: str = "error") -> Callable:
@@ -330,7 +345,20 @@ class Transforms:
         """``(fn(primal), pullback)``; ``pullback(cotangent)`` returns the primal's cotangent."""
         raise NotImplementedError
 
-    def jacfwd(self, fn: Callable) -> Callable:
+    def linearize(self, fn: Callable, primal: Any) -> Callable:
+        """The JVP map ``tangent -> J tangent`` of ``fn`` at ``primal``, for many
+        applications: the work that does not depend on the tangent is done once where the
+        framework can (the default recomputes it per application). Where :meth:`jit`
+        compiles, the map is a pytree that compiled functions take and return."""
+        return lambda tangent: self.jvp(fn, primal, tangent)[1]
+
+    def pullback(self, fn: Callable, primal: Any) -> Callable:
+        """The VJP map ``cotangent -> J^T cotangent`` of ``fn`` at ``primal``, for many
+        applications (it keeps what the forward pass saved); a pytree as in
+        :meth:`linearize`."""
+        return self.vjp(fn, primal)[1]
+
+    def jacfwd(self, fn: Callable, randomness: str = "error") -> Callable:
         raise NotImplementedError
 
     def jacrev(self, fn: Callable) -> Callable:
@@ -340,9 +368,13 @@ class Transforms:
         """The ``(m, m)`` identity in ``like``'s dtype (and device)."""
         raise NotImplementedError
 
-    def output_shape(self, fn: Callable[[Any], Any], x: Any) -> tuple[int, ...]:
-        """The shape of ``fn(x)``, computed as cheaply as the framework allows."""
+    def output_spec(self, fn: Callable[[Any], Any], x: Any) -> tuple[tuple[int, ...], Any]:
+        """The shape and dtype of ``fn(x)``, computed as cheaply as the framework allows."""
         raise NotImplementedError
+
+    def output_shape(self, fn: Callable[[Any], Any], x: Any) -> tuple[int, ...]:
+        """The shape of ``fn(x)`` (see :meth:`output_spec`)."""
+        return self.output_spec(fn, x)[0]
 
     def chunked(
         self, kernel: Callable[..., Any], mapped: list[Any], size: int, chunk: int | None

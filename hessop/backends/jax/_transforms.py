@@ -13,8 +13,17 @@ from ..._pytree import tree_map
 from .._base import Transforms
 
 
+def _apply(lin: Any, v: Any) -> Any:
+    return lin(v)
+
+
+def _apply_first(pull: Any, v: Any) -> Any:
+    return pull(v)[0]
+
+
 class JaxTransforms(Transforms):
     name = "jax"
+    compiles = True
 
     def vmap(self, fn: Callable, in_axes: Any, randomness: str = "error") -> Callable:
         return jax.vmap(fn, in_axes=in_axes)  # JAX has no hidden random state to check
@@ -32,7 +41,15 @@ class JaxTransforms(Transforms):
         out, pull = jax.vjp(fn, primal)
         return out, lambda ct: pull(ct)[0]
 
-    def jacfwd(self, fn: Callable) -> Callable:
+    # Both maps are pytrees (a Partial of a module-level function, so that the tree
+    # structure is the same at every call of a compiled function returning one).
+    def linearize(self, fn: Callable, primal: Any) -> Callable:
+        return jax.tree_util.Partial(_apply, jax.linearize(fn, primal)[1])
+
+    def pullback(self, fn: Callable, primal: Any) -> Callable:
+        return jax.tree_util.Partial(_apply_first, jax.vjp(fn, primal)[1])
+
+    def jacfwd(self, fn: Callable, randomness: str = "error") -> Callable:
         return jax.jacfwd(fn)
 
     def jacrev(self, fn: Callable) -> Callable:
@@ -41,8 +58,9 @@ class JaxTransforms(Transforms):
     def eye(self, m: int, like: Any) -> Any:
         return jnp.eye(m, dtype=like.dtype)
 
-    def output_shape(self, fn: Callable[[Any], Any], x: Any) -> tuple[int, ...]:
-        return tuple(jax.eval_shape(fn, x).shape)
+    def output_spec(self, fn: Callable[[Any], Any], x: Any) -> tuple[tuple[int, ...], Any]:
+        out = jax.eval_shape(fn, x)
+        return tuple(out.shape), out.dtype
 
     def chunked(self, kernel, mapped, size, chunk):
         if chunk is None or chunk >= size:

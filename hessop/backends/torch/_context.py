@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..._errors import ForwardModeUnsupportedError, LossError
+from ..._errors import ForwardModeUnsupportedError, LossError, RandomnessError
 
 #: serializes torch's process-wide forward-mode AD state (see the module docstring)
 FORWARD_AD_LOCK = threading.RLock()
@@ -102,6 +102,13 @@ def translate_error(err: Exception, mode: str) -> Exception:
     """The hessop error for a torch error raised while differentiating the loss."""
     msg = str(err)
     first = (msg.strip().splitlines() or [""])[0]
+    if "vmap" in msg and "randomness" in msg:
+        return RandomnessError(
+            "the function draws random numbers (dropout in training mode, torch.randn, ...) "
+            f"inside a vmap-batched computation ({first}), so it is not one fixed function "
+            "to differentiate; make it deterministic (model.eval()), or draw the random "
+            "numbers outside it and pass them in as an argument"
+        )
     if _ITEM.search(msg) and "item" in msg:
         return LossError(
             f"the loss takes a Python number out of a tensor (.item(), float(), .tolist() or "

@@ -18,14 +18,18 @@ class TorchTransforms(Transforms):
     name = "torch"
     # vmap(jacfwd(jacrev(f))) is 5-10x slower than the summed-gradient trick in torch 2.x
     per_sample_hessian = "summed-gradient"
+    # vmap(jacfwd(f)) is 7-30x slower than one batched JVP per input coordinate; for
+    # jacrev, vmap is as fast as the summed trick or up to 3x faster (benchmarks/per_sample.py)
+    per_sample_jacfwd = "summed-output"
 
     @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
+    def context(self, graph: bool = True) -> Iterator[None]:
         # The math attention kernel (the fused ones have no forward-mode or double-backward
         # derivatives) and the forward-mode lock, but the *caller's* grad mode: torch.func
         # differentiates inside either way, and the outer mode decides only whether results
         # keep a graph to the inputs.
-        with autodiff_context("forward-over-reverse", grad=None):
+        outer = contextlib.nullcontext() if graph else torch.no_grad()
+        with autodiff_context("forward-over-reverse", grad=None), outer:
             yield
 
     def vmap(self, fn: Callable, in_axes: Any, randomness: str = "error") -> Callable:
@@ -41,8 +45,17 @@ class TorchTransforms(Transforms):
         out, pull = torch.func.vjp(fn, primal)
         return out, lambda ct: pull(ct)[0]
 
-    def jacfwd(self, fn: Callable) -> Callable:
-        return torch.func.jacfwd(fn)
+    def linearize(self, fn: Callable, primal: Any) -> Callable:
+        # J t = d/du <J^T u, t> (linear in u): a VJP of the kept pullback. Each product is
+        # then one backward pass through the backward graph, about the cost of a forward
+        # pass, where torch.func.jvp costs two to three (and torch.func.linearize tens of
+        # gradients to set up), and no operation needs a forward-mode rule.
+        out, pull = torch.func.vjp(fn, primal)
+        push = torch.func.vjp(lambda u: pull(u)[0], torch.zeros_like(out))[1]
+        return lambda tangent: push(tangent)[0]
+
+    def jacfwd(self, fn: Callable, randomness: str = "error") -> Callable:
+        return torch.func.jacfwd(fn, randomness=randomness)
 
     def jacrev(self, fn: Callable) -> Callable:
         return torch.func.jacrev(fn)
@@ -50,9 +63,10 @@ class TorchTransforms(Transforms):
     def eye(self, m: int, like: Any) -> Any:
         return torch.eye(m, dtype=like.dtype, device=like.device)
 
-    def output_shape(self, fn: Callable[[Any], Any], x: Any) -> tuple[int, ...]:
-        with torch.no_grad():  # only the shape is needed: keep no graph
-            return tuple(fn(x).shape)
+    def output_spec(self, fn: Callable[[Any], Any], x: Any) -> tuple[tuple[int, ...], Any]:
+        with torch.no_grad():  # only the shape and dtype are needed: keep no graph
+            out = fn(x)
+        return tuple(out.shape), out.dtype
 
     def chunked(self, kernel, mapped, size, chunk):
         if chunk is None or chunk >= size:
