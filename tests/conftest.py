@@ -7,12 +7,24 @@ neither (numpy-only tests).
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per worker: the workers already fill the cores, and the tests'
+    # tiny problems gain nothing from threads. XLA reads its flags when JAX is imported.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(1)
 
 try:  # float64 references need 64-bit JAX; enabled once for the whole session
     import jax
