@@ -56,6 +56,8 @@ from .backends import available_backends, get_backend, register_backend
 from .models._api import model_hessian, model_hvp
 from .models.fisher import FisherOperator, model_fisher
 from .models.ggn import GGNOperator, model_ggn
+from .models.layers import CurvatureByLayerResult, LayerCurvature, curvature_by_layer
+from .models.sharpness import SharpnessRecord, SharpnessTracker, plot_sharpness
 from .per_sample import jacobian, per_sample_gradients, per_sample_hessians
 
 __version__ = "0.1.0"
@@ -88,6 +90,7 @@ __all__ = [
     # core
     "BackendNotAvailableError",
     "CallableOperator",
+    "CurvatureByLayerResult",
     "CurvatureOperator",
     "DTypeError",
     "DenseOperator",
@@ -102,18 +105,23 @@ __all__ = [
     "NonFiniteError",
     "StaleOperatorError",
     "IdentityOperator",
+    "LayerCurvature",
     "LinearOperator",
     "LossError",
     "RandomnessError",
     "ShapeError",
+    "SharpnessRecord",
+    "SharpnessTracker",
     "UnknownOptionError",
     "aslinearoperator",
     "available_backends",
+    "curvature_by_layer",
     "get_backend",
     "hessian",
     "model_fisher",
     "model_ggn",
     "model_hessian",
     "model_hvp",
+    "plot_sharpness",
     "register_backend",
 ]
