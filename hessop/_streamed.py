@@ -255,11 +255,12 @@ class StreamedOperator(LinearOperator):
 
         Notes
         -----
-        Where the framework allows (torch, reverse-over-reverse), each block is
-        differentiated with respect to its own leaves only, through one gradient graph per
-        batch, so autograd skips every other parameter's second derivatives; elsewhere the
-        blocks are scattered into full columns (zero outside their leaves) for one
-        ``matmat``, whose rows of each block's leaves are its product.
+        Where the kernel allows (torch: the Hessian in reverse-over-reverse and the GGN,
+        through one set of graphs per batch; JAX: the Hessian in every AD mode, compiled
+        once per set of leaves), each block is differentiated with respect to its own leaves
+        only, so the other parameters' second derivatives are never computed; elsewhere the
+        blocks are padded with zeros to full columns for one ``matmat``, whose rows of each
+        block's leaves are its product.
 
         Examples
         --------

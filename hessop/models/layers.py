@@ -7,25 +7,32 @@ a standard error.
 
 How the blocks are computed together
 ------------------------------------
-Every product is a product of the **full** operator with a block of vectors in which each
-column lives in the coordinates of one group and is zero elsewhere; the rows of the result
-that belong to the column's group are ``H_gg v_g``. One batched product (one pass over the
-data) thus serves every group at once. (A single vector ``v = concat(v_g)`` would not do:
-its product mixes the groups through the off-diagonal blocks ``H_gh v_h``.)
+All products go through the operator's
+:meth:`~hessop._streamed.StreamedOperator.diagonal_block_products`: one call takes a block
+of vectors per group and returns every ``H_gg V_g``, in one pass over the data. Where the
+framework allows (torch's Hessian in reverse-over-reverse and its GGN, JAX's Hessian in
+every AD mode) each block is differentiated with respect to its own parameters only, so
+autograd or XLA skips the other parameters' second derivatives (on the reference MLP the
+three layers' products cost 0.71, 0.34 and 0.02 gradients, against 1.25 for a full
+Hessian-vector product); elsewhere (JAX's GGN, torch's forward-mode modes) each group's
+vectors are padded with zeros to full-model vectors for one ``matmat``, and the rows of the
+group are kept. (One vector
+``v = concat(v_g)`` for all groups would not do: its product mixes the groups through the
+off-diagonal blocks ``H_gh v_h``.)
 
 * **Eigenvalues**: one :class:`~hessop.algorithms._subspace.RitzProblem` per group, all
-  driven in lockstep: each round asks every unfinished group for its next block, applies
-  them all in one ``matmat``, and a group leaves the rounds when its pairs have converged.
-  The number of passes over the data is the largest number of rounds any group needs, not
-  their sum.
-* **Traces**: ``tr(H_gg)`` is the trace of the full matrix restricted to the group's
-  coordinates, so a Rademacher probe ``z`` of the full model gives every group's sample
-  ``z_g . (H z)_g`` from one product (Hutchinson, unbiased; the off-diagonal blocks add
-  variance, which the standard error reports). The probes go into the first round's
-  product.
+  driven in lockstep: each round asks every unfinished group for its next block and applies
+  them all in one call; a group leaves the rounds when its pairs have converged. The number
+  of passes over the data is the largest number of rounds any group needs, not their sum.
+* **Traces**: Hutchinson's estimator on each block, with Rademacher probes in the group's
+  coordinates; every group's probes go into the first round's call. (Probes of the whole
+  model would give every group's sample ``z_g . (H z)_g`` from one full product, but the
+  off-diagonal blocks then add their variance to every group: on a small MLP the standard
+  errors were 1.5 to 2.6 times larger for the same number of probes, while
+  the restricted products of all groups together cost about one full product.)
 
 Building one operator per group instead (``model_hessian(..., params=names)``) streams the
-data once per group and per product, and keeps one gradient graph per group.
+data once per group and per product, and builds one gradient graph per group and batch.
 """
 
 from __future__ import annotations
@@ -149,27 +156,6 @@ def _labels_from_mapping(groups: Mapping[Any, Any], names: list[str]) -> dict[st
     return label
 
 
-class _Layout:
-    """Each group's leaves and sizes, and where its rows sit among all grouped coordinates
-    (the coordinates of the trace probes)."""
-
-    def __init__(self, spec: _pytree.TreeSpec, groups: list[list[int]]) -> None:
-        self.groups = [tuple(leaves) for leaves in groups]
-        self.sizes = [sum(spec.sizes[i] for i in leaves) for leaves in groups]
-        self.covered = tuple(sorted(i for leaves in groups for i in leaves))
-        where, start = {}, 0
-        for i in self.covered:
-            where[i] = (start, start + spec.sizes[i])
-            start += spec.sizes[i]
-        self.size = start
-        self.rows = [[where[i] for i in leaves] for leaves in groups]
-
-    def gather(self, A: LinearOperator, X: Any, g: int) -> Any:
-        """The rows of group ``g`` of an array over the grouped coordinates."""
-        parts = [X[a:b] for a, b in self.rows[g]]
-        return parts[0] if len(parts) == 1 else A.xp.concat(parts, axis=0)
-
-
 # --- the result ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerCurvature:
@@ -237,9 +223,10 @@ class CurvatureByLayerResult:
         The trace of the grouped part of the matrix (the sum of the blocks' traces) and its
         standard error, from the same probes.
     num_probes : int
-        Hutchinson probes (0 without ``"trace"``).
+        Hutchinson probes per group (0 without ``"trace"``).
     num_matvecs : int
-        Products of the matrix with a vector in all (columns of the batched products).
+        Products of a diagonal block with a vector, in all (a block's product costs at
+        most a full Hessian-vector product, often much less).
     num_passes : int
         Batched products, each one pass over the data.
     """
@@ -394,7 +381,7 @@ def curvature_by_layer(
     k : int
         Eigenvalues per group (capped at the group's size).
     num_probes : int
-        Rademacher probes of the trace estimate, shared by all groups.
+        Rademacher probes of each group's trace estimate.
     tol : float
         Relative residual of an eigenpair: ``||H_gg y - lambda y|| <= tol * |lambda|``
         (relative to the block's norm for eigenvalues near zero); the eigenvalue error is
@@ -443,28 +430,25 @@ def curvature_by_layer(
     A = curvature_operator(curvature, model, loss_fn, data, params, mode, options)
     names = leaf_names(A.spec)
     group_leaves = resolve_groups(groups, names, model)
-    layout = _Layout(A.spec, list(group_leaves.values()))
+    leaf_groups = list(group_leaves.values())
+    sizes = [sum(A.spec.sizes[i] for i in leaves) for leaves in leaf_groups]
     rng = np.random.default_rng(seed)
     problems = []
     if "top_eigenvalue" in quantities:
         problems = [
             RitzProblem(
-                A,
-                A.asarray(random_block(rng, n, k)),
-                k,
-                tol=tol,
-                ncv=ncv,
-                max_matvecs=max_matvecs,
-                rng=rng,
+                A, A.asarray(random_block(rng, n, k)), k, tol=tol, ncv=ncv,
+                max_matvecs=max_matvecs, rng=rng,
             )  # fmt: skip
-            for n in layout.sizes
+            for n in sizes
         ]
-    Z = None
+    probes = []
     if "trace" in quantities:
-        signs = A.asarray(rng.integers(0, 2, size=(num_probes, layout.size), dtype=np.int8))
-        Z = A.xp.permute_dims(2.0 * signs - 1.0, (1, 0))  # each probe contiguous
-    passes, HZ = _run(A, layout, problems, Z)
-    traces = _traces(A, layout, Z, HZ) if Z is not None else None
+        for n in sizes:
+            signs = A.asarray(rng.integers(0, 2, size=(num_probes, n), dtype=np.int8))
+            probes.append(A.xp.permute_dims(2.0 * signs - 1.0, (1, 0)))  # probes contiguous
+    passes, images = _run(A, leaf_groups, problems, probes)
+    traces = _traces(A, probes, images) if probes else None
     layers = []
     for g, (name, leaves) in enumerate(group_leaves.items()):
         found: dict[str, Any] = {}
@@ -479,49 +463,48 @@ def curvature_by_layer(
         if traces is not None:
             found["trace"], found["trace_std_error"] = traces[0][g], traces[1][g]
         parameters = tuple(names[i] for i in leaves)
-        layers.append(LayerCurvature(name, parameters, layout.sizes[g], **found))
+        layers.append(LayerCurvature(name, parameters, sizes[g], **found))
     return CurvatureByLayerResult(
         tuple(layers),
         curvature,
         trace=None if traces is None else traces[2],
         trace_std_error=None if traces is None else traces[3],
-        num_probes=0 if Z is None else num_probes,
-        num_matvecs=sum(p.num_matvecs for p in problems) + (0 if Z is None else num_probes),
+        num_probes=num_probes if probes else 0,
+        num_matvecs=sum(p.num_matvecs for p in problems) + num_probes * len(probes),
         num_passes=passes,
     )
 
 
-def _run(A: Any, layout: _Layout, problems: list[RitzProblem], Z: Any) -> tuple[int, Any]:
+def _run(
+    A: Any, groups: list[tuple[int, ...]], problems: list[RitzProblem], probes: list[Any]
+) -> tuple[int, list[Any]]:
     """Drive the groups' eigenproblems in lockstep, one call of the operator's
-    ``diagonal_block_products`` (one pass over the data) per round; the probes ``Z``, a
-    block over all grouped coordinates, join the first round. Returns the passes and the
-    product of the probes."""
-    state = {"Z": Z, "HZ": None}
+    ``diagonal_block_products`` (one pass over the data) per round; each group's trace
+    probes join the first round. Returns the passes and the probes' products."""
+    state = {"probes": probes, "images": []}
 
     def apply(blocks: list[Any], which: list[int]) -> list[Any]:
-        requests = [(layout.groups[g], B) for B, g in zip(blocks, which)]
-        if state["Z"] is not None:
-            requests.append((layout.covered, state["Z"]))
-        out = A.diagonal_block_products(requests)
-        if state["Z"] is not None:
-            state["Z"], state["HZ"] = None, out.pop()
-        return out
+        todo = [(groups[g], B) for B, g in zip(blocks, which)]
+        todo += list(zip(groups, state["probes"]))
+        out = A.diagonal_block_products(todo)
+        if state["probes"]:
+            state["probes"], state["images"] = [], out[len(blocks) :]
+        return out[: len(blocks)]
 
     passes = lockstep(problems, apply)
-    if state["Z"] is not None:  # no eigenvalues asked for: the probes alone
-        state["HZ"] = A.diagonal_block_products([(layout.covered, state["Z"])])[0]
+    if state["probes"]:  # no eigenvalues asked for: the probes alone
+        state["images"] = A.diagonal_block_products(list(zip(groups, probes)))
         passes += 1
-    return passes, state["HZ"]
+    return passes, state["images"]
 
 
-def _traces(A: LinearOperator, layout: _Layout, Z: Any, HZ: Any) -> tuple[Any, ...]:
+def _traces(A: LinearOperator, probes: list[Any], images: list[Any]) -> tuple[Any, ...]:
     """Per group and in all: Hutchinson estimates and standard errors."""
-    P = Z * HZ
     samples = np.stack(
-        [A.to_numpy(A.xp.sum(layout.gather(A, P, g), axis=0)) for g in range(len(layout.sizes))]
+        [A.to_numpy(A.xp.sum(Z * HZ, axis=0)) for Z, HZ in zip(probes, images)]
     ).astype(np.float64)  # (groups, probes)
     m = samples.shape[1]
-    total = samples.sum(axis=0)
+    total = samples.sum(axis=0)  # the groups' probes are independent: variances add
     return (
         [float(x) for x in samples.mean(axis=1)],
         [float(x) for x in samples.std(axis=1, ddof=1) / math.sqrt(m)],
