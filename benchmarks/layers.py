@@ -30,7 +30,7 @@ import numpy as np
 import hessop
 import hessop.models.layers as layers
 from hessop.algorithms._subspace import RitzProblem, lockstep, random_block
-from hessop.models import reference as R
+from hessop.bench import reference as R
 
 
 def per_group(model, loss, data, groups, tol, num_probes, kw):

@@ -26,6 +26,9 @@ import numpy as np
 
 from .._errors import DeviceError, DTypeError, EmptyDataError
 
+#: whether a dtype is a real floating type, by dtype object (asked on every call)
+_FLOATING: dict[Any, bool] = {}
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
@@ -97,7 +100,15 @@ class Backend:
         return str(dtype).replace("torch.", "")
 
     def is_floating(self, dtype: Any) -> bool:
-        return self.dtype_name(dtype) in ("float16", "bfloat16", "float32", "float64")
+        try:
+            return _FLOATING[dtype]
+        except (KeyError, TypeError):  # a dtype not seen yet (or unhashable)
+            answer = self.dtype_name(dtype) in ("float16", "bfloat16", "float32", "float64")
+        try:
+            _FLOATING[dtype] = answer
+        except TypeError:
+            pass
+        return answer
 
     def eps(self, dtype: Any) -> float:
         return float(np.finfo(self.dtype_name(dtype)).eps)
@@ -267,6 +278,12 @@ class CurvatureKernel:
         """Whether the loss depends on the parameters at all (asked only when a product
         came out exactly zero, to tell a loss that ignores them from a flat one)."""
         return True
+
+    def dependence_known(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> bool | None:
+        """Whether the loss depends on the parameters, when the kernel knows it cheaply (its
+        products raise for a loss that does not, or it cached the answer); None otherwise,
+        and the operator examines its first product instead."""
+        return None
 
     def warm_up(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> float:
         """Compile everything a product will run, for this batch's shapes; return the
