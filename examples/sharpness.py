@@ -36,7 +36,7 @@ def train(lr: float, spec, x, y, loss_fn) -> tuple[hessop.SharpnessTracker, list
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     tracker = hessop.SharpnessTracker(k=1, every=EVERY, lr=lr, label=f"lr={lr:g}")
     errors = []
-    for step in range(STEPS):
+    for _ in range(STEPS):
         rec = tracker(model, loss_fn, (x, y))
         if rec is not None and len(tracker.history) % 10 == 1:
             H = hessop.model_hessian(model, loss_fn, (x, y))
@@ -49,10 +49,13 @@ def train(lr: float, spec, x, y, loss_fn) -> tuple[hessop.SharpnessTracker, list
 
 
 def main(path: str | None = None) -> dict[str, float]:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - depends on the install
-        raise SystemExit("this example needs torch: pip install 'hessop[torch]'") from None
+    if "torch" not in hessop.available_backends(installed=True):
+        sys.exit(
+            "this example needs torch, which is not installed; from the repository "
+            'root: pip install -c constraints.txt -e ".[torch]"'
+        )
+    import torch
+
     torch.set_num_threads(1)  # tiny matrices: threads only fight over the cores
     spec = get_reference("mlp", sizes=(16, 32, 32, 4))
     x, labels = spec.make_batch(256, seed=0, framework="torch", dtype="float64")
@@ -60,7 +63,8 @@ def main(path: str | None = None) -> dict[str, float]:
     loss_fn = torch.nn.MSELoss()
     trackers, out = [], {}
     print(f"{'lr':>5} {'2/lr':>6} {'sharpness: first':>17} {'max':>6} {'last':>6}"
-          f" {'HVPs: cold':>11} {'warm median':>12} {'warm max':>9} {'error vs eigsh':>15}")  # fmt: skip
+          f" {'HVPs: cold':>11} {'warm median':>12} {'warm max':>9}"
+          f" {'error vs eigsh':>15}")  # fmt: skip
     for lr in LEARNING_RATES:
         tracker, errors = train(lr, spec, x, y, loss_fn)
         trackers.append(tracker)
