@@ -8,7 +8,7 @@ Rayleigh-Ritz solver from the same start vectors, and a Hutchinson trace.
   operator's ``diagonal_block_products`` for all unfinished groups, one pass over the data;
   each block differentiated with respect to its own parameters only (torch: one gradient
   graph per batch, a restricted backward per block; JAX: a compiled function per group).
-  The trace probes (full-model probes, every group's trace at once) join the first round.
+  Each group's trace probes (in the group's own coordinates) join the first round.
 * ``masked``: the same rounds, but each group's vector scattered into a full-model vector
   (zeros elsewhere) and multiplied by the full Hessian (``matmat``): every column costs a
   full Hessian-vector product.

@@ -90,7 +90,8 @@ def main() -> None:
             for name in ("warm", "cold"):
                 errors[name].append(abs(recs[name].sharpness - top) / abs(top))
             print(f"step {i}: sharpness {top:.6f}; HVPs warm {recs['warm'].num_matvecs}, "
-                  f"cold {recs['cold'].num_matvecs}, eigsh {res.num_matvecs}")  # fmt: skip
+                  f"cold {recs['cold'].num_matvecs}, eigsh {res.num_matvecs}; relative error "
+                  f"warm {errors['warm'][-1]:.1e}, cold {errors['cold'][-1]:.1e}")  # fmt: skip
         step()
     for name, tracker in (("warm", warm), ("cold", cold)):
         cost = [r.num_matvecs for r in tracker.history]

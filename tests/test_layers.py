@@ -25,6 +25,8 @@ from model_utils import (  # noqa: E402
 )
 
 MODULES = ["layers.0", "layers.1", "layers.2"]
+MODES = ["fwd-rev", "rev-fwd", "rev-rev"]
+SLOW = pytest.mark.slow  # the same code as the fast case, in another AD mode
 
 
 def mlp():
@@ -92,6 +94,7 @@ def test_ggn_blocks():
     assert res.curvature == "ggn" and res.trace is None
 
 
+@pytest.mark.slow  # JAX compiles per group; test_block_products_jax and the next test are fast
 def test_jax_pytree_matches_torch_module():
     pytest.importorskip("jax")
     spec, model, x, y = mlp()
@@ -266,7 +269,7 @@ def check_blocks(H, D):
             np.testing.assert_allclose(to_numpy(got), want, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("mode", ["auto", "fwd-rev", "rev-fwd"])
+@pytest.mark.parametrize("mode", ["auto", "fwd-rev", pytest.param("rev-fwd", marks=SLOW)])
 @pytest.mark.parametrize("streamed", [False, True], ids=["batch", "data"])
 def test_block_products_torch(mode, streamed):
     spec, model, x, y = mlp()
@@ -289,7 +292,7 @@ def test_block_products_ggn(backend):
     check_blocks(op, G)
 
 
-@pytest.mark.parametrize("mode", ["fwd-rev", "rev-fwd", "rev-rev"])
+@pytest.mark.parametrize("mode", ["fwd-rev", *(pytest.param(m, marks=SLOW) for m in MODES[1:])])
 def test_block_products_jax(mode):
     pytest.importorskip("jax")
     spec, model, x, y = mlp()

@@ -41,7 +41,7 @@ def test_follows_the_dense_top_eigenvalues_along_training():
     spec, model, x, y = setup()
     warm = hessop.SharpnessTracker(k=2, tol=1e-6)
     cold = hessop.SharpnessTracker(k=2, tol=1e-6, warm_start=False)
-    for step in range(12):
+    for step in range(5):
         exact = np.linalg.eigvalsh(torch_hessian(model, spec.torch_loss, x, y).numpy())[::-1]
         for tracker in (warm, cold):
             rec = tracker(model, spec.torch_loss, (x, y))
@@ -49,12 +49,12 @@ def test_follows_the_dense_top_eigenvalues_along_training():
             np.testing.assert_allclose(rec.eigenvalues, exact[:2], rtol=1e-9)
             assert (rec.residual_norms <= 1e-6 * exact[0]).all()
         sgd_step(model, spec.torch_loss, x, y, lr=0.5)
-    assert [r.warm for r in warm.history] == [False] + [True] * 11
+    assert [r.warm for r in warm.history] == [False] + [True] * 4
     assert not any(r.warm for r in cold.history)
     assert warm.history[0].num_matvecs == cold.history[0].num_matvecs
     for w, c in zip(warm.history[1:], cold.history[1:]):
         assert w.num_matvecs < c.num_matvecs
-    np.testing.assert_array_equal(warm.steps, np.arange(12))
+    np.testing.assert_array_equal(warm.steps, np.arange(5))
     np.testing.assert_allclose(warm.sharpness, cold.sharpness, rtol=1e-9)
 
 
@@ -62,11 +62,13 @@ def test_warm_calls_cost_a_few_products():
     spec, model, x, y = setup()
     warm = hessop.SharpnessTracker()  # k=1, tol=1e-3
     cold = hessop.SharpnessTracker(warm_start=False)
-    for _ in range(10):
-        top = np.linalg.eigvalsh(torch_hessian(model, spec.torch_loss, x, y).numpy())[-1]
-        for tracker in (warm, cold):
-            rec = tracker(model, spec.torch_loss, (x, y))
-            assert abs(rec.sharpness - top) <= 1e-5 * top  # about tol^2 accurate
+    for step in range(10):
+        recs = [tracker(model, spec.torch_loss, (x, y)) for tracker in (warm, cold)]
+        if step % 4 == 0:  # the dense reference at steps 0, 4 and 8
+            H = torch_hessian(model, spec.torch_loss, x, y).numpy()
+            top = np.linalg.eigvalsh(H)[-1]
+            for rec in recs:
+                assert abs(rec.sharpness - top) <= 1e-5 * top  # about tol^2 accurate
         sgd_step(model, spec.torch_loss, x, y, lr=0.1)
     warm_cost = [r.num_matvecs for r in warm.history[1:]]
     cold_cost = [r.num_matvecs for r in cold.history[1:]]
@@ -118,7 +120,7 @@ def test_jax_training_matches_torch():
     xj, yj = spec.make_batch(32, seed=1, framework="jax", dtype="float64")
     grad = jax.jit(jax.grad(spec.jax_objective))
     tj, tt = hessop.SharpnessTracker(k=2, tol=1e-8), hessop.SharpnessTracker(k=2, tol=1e-8)
-    for _ in range(6):
+    for _ in range(3):
         rec = tj(spec.jax_apply, spec.jax_loss, (xj, yj), params=params)
         tt(model, spec.torch_loss, (x, y))
         D = np.asarray(jax_hessian(spec.jax_apply, spec.jax_loss, params, xj, yj))
@@ -161,7 +163,7 @@ def test_plot(tmp_path):
     spec, model, x, y = setup()
     a = hessop.SharpnessTracker(k=2, lr=0.5, label="lr=0.5")
     b = hessop.SharpnessTracker(lr=2.0)
-    for _ in range(3):
+    for _ in range(2):
         a(model, spec.torch_loss, (x, y))
         b(model, spec.torch_loss, (x, y))
         sgd_step(model, spec.torch_loss, x, y, lr=0.5)

@@ -353,10 +353,10 @@ def curvature_by_layer(
 
     The block of group g is the curvature of the loss as a function of that group's
     parameters alone, the others held at their values. All groups are computed together:
-    each product of the model's operator with a block of vectors, one per group and each
-    zero outside its group, gives every group's block product in one pass over the data
-    (see the module :mod:`hessop.models.layers` for why this is exact, and the user guide
-    page "Curvature per layer").
+    each round of products gives every group's block product in one pass over the data,
+    each block differentiated with respect to its own parameters where the framework allows
+    (see the module :mod:`hessop.models.layers` and the user guide page "Curvature per
+    layer").
 
     Parameters
     ----------
@@ -437,9 +437,14 @@ def curvature_by_layer(
     if "top_eigenvalue" in quantities:
         problems = [
             RitzProblem(
-                A, A.asarray(random_block(rng, n, k)), k, tol=tol, ncv=ncv,
-                max_matvecs=max_matvecs, rng=rng,
-            )  # fmt: skip
+                A,
+                A.asarray(random_block(rng, n, k)),
+                k,
+                tol=tol,
+                ncv=ncv,
+                max_matvecs=max_matvecs,
+                rng=rng,
+            )
             for n in sizes
         ]
     probes = []
