@@ -113,6 +113,23 @@ def test_ggn_and_streamed_data():
     np.testing.assert_allclose(rec.sharpness, top, rtol=1e-12)
 
 
+def test_jax_matches_torch_cold_and_warm():
+    pytest.importorskip("jax")
+    spec, model, x, y = setup()
+    xj, yj = spec.make_batch(32, seed=1, framework="jax", dtype="float64")
+    tj, tt = hessop.SharpnessTracker(tol=1e-8), hessop.SharpnessTracker(tol=1e-8)
+    for _ in range(2):  # cold, then warm from the previous vectors
+        params = spec.jax_params_from_torch(model)
+        rec = tj(spec.jax_apply, spec.jax_loss, (xj, yj), params=params)
+        top = np.linalg.eigvalsh(torch_hessian(model, spec.torch_loss, x, y).numpy())[-1]
+        assert tt(model, spec.torch_loss, (x, y)).sharpness == pytest.approx(top, rel=1e-10)
+        assert rec.sharpness == pytest.approx(top, rel=1e-10)
+        sgd_step(model, spec.torch_loss, x, y, lr=0.5)
+    assert [r.warm for r in tj.history] == [False, True]
+    assert [r.num_matvecs for r in tj.history] == [r.num_matvecs for r in tt.history]
+
+
+@pytest.mark.slow  # JAX compiles; test_jax_matches_torch_cold_and_warm covers the same path
 def test_jax_training_matches_torch():
     jax = pytest.importorskip("jax")
     spec, model, x, y = setup()
