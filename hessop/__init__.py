@@ -58,6 +58,8 @@ from .jacobians import jacobian, output_hessians
 from .models._api import model_hessian, model_hvp
 from .models.fisher import FisherOperator, model_fisher
 from .models.ggn import GGNOperator, model_ggn
+from .models.layers import CurvatureByLayerResult, LayerCurvature, curvature_by_layer
+from .models.sharpness import SharpnessRecord, SharpnessTracker, plot_sharpness
 from .per_sample import per_sample_gradients, per_sample_hessians, per_sample_jacobians
 
 __version__ = "0.1.0"
@@ -93,6 +95,7 @@ __all__ = [
     # core
     "BackendNotAvailableError",
     "CallableOperator",
+    "CurvatureByLayerResult",
     "CurvatureOperator",
     "DTypeError",
     "DenseOperator",
@@ -106,20 +109,25 @@ __all__ = [
     "HessopError",
     "IdentityOperator",
     "JacobianOperator",
+    "LayerCurvature",
     "LinearOperator",
     "LossError",
     "NonFiniteError",
     "RandomnessError",
     "ShapeError",
+    "SharpnessRecord",
+    "SharpnessTracker",
     "StaleOperatorError",
     "UnknownOptionError",
     "aslinearoperator",
     "available_backends",
+    "curvature_by_layer",
     "get_backend",
     "hessian",
     "model_fisher",
     "model_ggn",
     "model_hessian",
     "model_hvp",
+    "plot_sharpness",
     "register_backend",
 ]

@@ -91,6 +91,28 @@ class TreeSpec:
         return f"pytree with {self.num_leaves} leaves ({items})"
 
 
+def key_paths(spec: TreeSpec) -> tuple[tuple[Any, ...], ...]:
+    """The keys (dict keys and sequence indices) leading to each leaf, in layout order.
+
+    >>> import numpy as np
+    >>> _, spec = flatten({"w": [np.zeros(2), np.zeros(1)], "b": np.zeros(1)})
+    >>> key_paths(spec)
+    (('w', 0), ('w', 1), ('b',))
+    """
+    out: list[tuple[Any, ...]] = []
+
+    def walk(node: _Node | None, prefix: tuple[Any, ...]) -> None:
+        if node is None:
+            out.append(prefix)
+            return
+        labels = node.keys if issubclass(node.kind, dict) else range(len(node.children))
+        for label, child in zip(labels, node.children):
+            walk(child, (*prefix, label))
+
+    walk(spec.root, ())
+    return tuple(out)
+
+
 def _paths(node: _Node | None, prefix: str, out: list[str]) -> None:
     if node is None:
         out.append(prefix)

@@ -36,6 +36,15 @@ def test_custom_solver(backend):
     assert load("custom_solver").main(backend) < 1e-8
 
 
+@pytest.mark.slow  # ~16 s of CPU; tests/test_sharpness.py covers the tracker quickly
+def test_sharpness(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    out = load("sharpness").main(str(tmp_path / "sharpness.png"))
+    assert (tmp_path / "sharpness.png").stat().st_size > 0
+    assert out["lr=0.5"] < 0.5 < out["lr=2"]  # last sharpness in units of 2/lr
+
+
 def run_as_script(name, monkeypatch, *argv):
     """Run an example as ``python examples/<name>.py *argv`` would; return its exit code."""
     path = str(EXAMPLES / f"{name}.py")
@@ -55,6 +64,7 @@ def run_as_script(name, monkeypatch, *argv):
         ("sliced_score_matching", "jax", ("--backend", "jax")),
         ("switch_backend", "jax", ()),
         ("distributed_eigsh", "torch", ()),
+        ("sharpness", "torch", ()),
     ],
 )
 def test_missing_framework_names_the_install_command(monkeypatch, name, hidden, argv):

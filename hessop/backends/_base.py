@@ -204,6 +204,12 @@ class Backend:
         is not one (then it must be a function ``apply(params, x)``)."""
         return None
 
+    def module_groups(self, model: Any, names: list[str]) -> dict[str, list[str]] | None:
+        """The parameters ``names`` of a framework module (an ``nn.Module``) grouped by the
+        submodule that holds each directly, groups in the order of their first parameter;
+        None when ``model`` is not a module of this framework."""
+        return None
+
     def ggn_kernel(self, model: Any, loss: Any, options: KernelOptions) -> CurvatureKernel:
         """The generalized Gauss-Newton :class:`CurvatureKernel` of a model adapter."""
         raise NotImplementedError(f"the {self.name!r} backend has no GGN product")
@@ -238,6 +244,26 @@ class CurvatureKernel:
 
     def apply(self, cache: Any, V: Any) -> Any:
         """The product from a cache of :meth:`linearize` (vector or block)."""
+        raise NotImplementedError
+
+    #: whether :meth:`block_product` exists (else the operator scatters the blocks into
+    #: full columns, zero outside their leaves, for one :meth:`product`)
+    block_products: bool = False
+
+    def block_product(
+        self,
+        point: tuple[Any, ...],
+        args: tuple[Any, ...],
+        blocks: list[tuple[tuple[int, ...], Any]],
+        cache: Any = None,
+    ) -> tuple[list[Any], Any]:
+        """Products of diagonal blocks of the batch's matrix, ``(products, cache)``.
+
+        Each block is ``(leaves, V)``: indices of parameter leaves and an ``(n, u)`` block
+        over their coordinates; its product is the matrix restricted to those coordinates
+        (rows and columns) times ``V``. ``cache`` is what :meth:`linearize` or an earlier
+        call returned (None: none yet); the returned cache is kept by a caching operator.
+        """
         raise NotImplementedError
 
     def gradient(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[Any, Any]:

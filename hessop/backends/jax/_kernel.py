@@ -38,6 +38,7 @@ from ._transforms import translate_error
 _log = logging.getLogger("hessop")
 _SHARED = SharedFunctions(maxsize=16)
 _LINEARIZABLE = ("forward-over-reverse", "reverse-over-reverse")
+_AD_MODES = ("forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
 
 
 class JaxHessianKernel(CurvatureKernel):
@@ -47,6 +48,7 @@ class JaxHessianKernel(CurvatureKernel):
         self.loss, self.mode, self.spec = loss, mode, loss.spec
         self.chunk_size = options.chunk_size
         self.linearizable = mode in _LINEARIZABLE
+        self.block_products = mode in _AD_MODES
         if options.share_key is None:
             self.fns = _functions(loss, mode)
         else:
@@ -96,6 +98,28 @@ class JaxHessianKernel(CurvatureKernel):
         if step >= V.shape[1]:
             return fn(V)
         return jnp.concatenate([fn(V[:, j : j + step]) for j in range(0, V.shape[1], step)], axis=1)
+
+    def block_product(
+        self,
+        point: tuple[Any, ...],
+        args: tuple[Any, ...],
+        blocks: list[tuple[tuple[int, ...], Any]],
+        cache: Any = None,
+    ) -> tuple[list[Any], Any]:
+        """Each block's product from the loss as a function of the block's leaves alone
+        (compiled once per set of leaves), so XLA drops the other parameters' second
+        derivatives. Nothing is cached between calls."""
+        outs = []
+        with _translated():
+            for idx, V in blocks:
+                fns = self.fns.blocks.get(idx)
+                if fns is None:
+                    fns = self.fns.blocks[idx] = _block_functions(self.loss, self.mode, idx)
+                if self.loop_columns:
+                    outs.append(_stack_columns([fns.hvp(point, v, args) for v in _transpose(V)]))
+                else:
+                    outs.append(self._chunks(V, lambda B, fns=fns: fns.hmm(point, B, args)))
+        return outs, None
 
     def gradient(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[Any, Any]:
         with _translated():
@@ -236,6 +260,7 @@ def _functions(loss: Any, mode: str) -> SimpleNamespace:
         dense=jax.jit(jax.hessian(flat_loss)),
         compiled_for=set(),  # input signatures warm_up has compiled (see warm_up)
         dependence={},  # input signature -> whether the loss depends on the point
+        blocks={},  # leaf indices -> _block_functions
     )
     if mode in ("dense", "finite-difference"):
         return fns
@@ -259,6 +284,34 @@ def _functions(loss: Any, mode: str) -> SimpleNamespace:
         fns.apply = jax.jit(lambda lin, v: lin(v))
         fns.apply_mat = jax.jit(lambda lin, V: jax.vmap(lin, in_axes=1, out_axes=1)(V))
     return fns
+
+
+class _Restricted:
+    """The loss as a function of some of its leaves, the point passed with the batch."""
+
+    def __init__(self, loss: Any, idx: tuple[int, ...]) -> None:
+        self.loss, self.idx = loss, idx
+        self.spec = _pytree.flatten([jnp.zeros(loss.spec.shapes[i]) for i in idx])[1]
+
+    def __call__(self, leaves: list[Any], point_and_args: tuple[Any, Any]) -> Any:
+        point, args = point_and_args
+        full = list(point)
+        for i, x in zip(self.idx, leaves):
+            full[i] = x
+        return self.loss(full, args)
+
+
+def _block_functions(loss: Any, mode: str, idx: tuple[int, ...]) -> SimpleNamespace:
+    """The jitted product of the diagonal block of the leaves ``idx`` (vector and block)."""
+    hvp = _products(_Restricted(loss, idx), mode)[0]
+
+    def block_hvp(p: tuple[Any, ...], v: Any, args: tuple[Any, ...]) -> Any:
+        return hvp(tuple(p[i] for i in idx), v, (p, args))
+
+    return SimpleNamespace(
+        hvp=jax.jit(block_hvp),
+        hmm=jax.jit(jax.vmap(block_hvp, in_axes=(None, 1, None), out_axes=1)),
+    )
 
 
 def _tree_vdot(a: tuple[Any, ...], b: tuple[Any, ...]) -> Any:

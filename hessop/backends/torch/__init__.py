@@ -222,6 +222,13 @@ class TorchBackend(Backend):
 
         return TorchModuleModel(self, model, loss_fn, **options)
 
+    def module_groups(self, model: Any, names: list[str]) -> dict[str, list[str]] | None:
+        if not isinstance(model, torch.nn.Module):
+            return None
+        from ._module import module_groups
+
+        return module_groups(model, names)
+
     def ggn_kernel(self, model: Any, loss: Any, options: Any) -> Any:
         from ._ggn import TorchGGNKernel
 

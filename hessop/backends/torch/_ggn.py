@@ -97,6 +97,44 @@ class TorchGGNKernel(CurvatureKernel):
         with autodiff_context("reverse-over-reverse"):
             return self._apply(graph, V, keep=True)
 
+    block_products = True
+
+    def block_product(
+        self,
+        point: tuple[Any, ...],
+        args: tuple[Any, ...],
+        blocks: list[tuple[tuple[int, ...], Any]],
+        cache: Any = None,
+    ) -> tuple[list[Any], Any]:
+        """Each block's ``J_g^T H_loss J_g V`` through one set of graphs (``cache``, or
+        built here): the first and last backward passes reach the block's leaves only."""
+        with autodiff_context("reverse-over-reverse"):
+            graph = self._graph(point, args) if cache is None else cache
+            return [self._block(graph, idx, V) for idx, V in blocks], graph
+
+    def _block(self, graph: Any, idx: tuple[int, ...], V: Any) -> Any:
+        leaves, out, u, jtu, live, o, gl = graph
+        pos = {i: j for j, i in enumerate(live)}
+        rows = [i for i in idx if i in pos]
+        if not rows or not gl.requires_grad:
+            return torch.zeros_like(V)
+        pieces = dict(zip(idx, torch.split(V, [self.spec.sizes[i] for i in idx])))
+        vs = [pieces[i].T.reshape(-1, *self.spec.shapes[i]) for i in rows]
+        Jv = torch.autograd.grad(
+            [jtu[pos[i]] for i in rows], u, vs, retain_graph=True, is_grads_batched=True
+        )[0]
+        HJv = torch.autograd.grad(gl, o, Jv, retain_graph=True, is_grads_batched=True)[0]
+        res = torch.autograd.grad(
+            out,
+            [leaves[i] for i in idx],
+            HJv,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+            is_grads_batched=True,
+        )
+        return TorchHessianKernel.join(list(res), batched=True)
+
     def gradient(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[Any, Any]:
         return self.hessian.gradient(point, args)
 

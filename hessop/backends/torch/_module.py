@@ -81,6 +81,23 @@ def select_parameters(model: nn.Module, params: Any) -> list[str]:
     return [n for n, _ in named if n in chosen]
 
 
+def module_groups(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """The parameters ``names`` grouped by the module that holds each directly (its name in
+    ``named_modules()``, ``"<root>"`` for the model itself), in the order of ``names``.
+
+    A parameter shared by two modules belongs to the one ``named_parameters()`` names it by.
+    """
+    owner: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            owner.setdefault(full, module_name or "<root>")
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(owner.get(n, n.rpartition(".")[0] or "<root>"), []).append(n)
+    return groups
+
+
 def random_modules(model: nn.Module) -> list[str]:
     """Modules that draw random numbers in their current mode (dropout with ``p > 0``)."""
     found = []
