@@ -22,6 +22,7 @@ from ._errors import (
     ShapeError,
     StaleOperatorError,
     UnknownOptionError,
+    UnsupportedLayerError,
 )
 from ._hessian import MODES, HessianOperator, hessian
 from ._hvp import hvp
@@ -56,6 +57,7 @@ from .backends import available_backends, get_backend, register_backend
 from .models._api import model_hessian, model_hvp
 from .models.fisher import FisherOperator, model_fisher
 from .models.ggn import GGNOperator, model_ggn
+from .models.kfac import KFACInverseOperator, KFACOperator, model_kfac
 from .per_sample import jacobian, per_sample_gradients, per_sample_hessians
 
 __version__ = "0.1.0"
@@ -102,11 +104,14 @@ __all__ = [
     "NonFiniteError",
     "StaleOperatorError",
     "IdentityOperator",
+    "KFACInverseOperator",
+    "KFACOperator",
     "LinearOperator",
     "LossError",
     "RandomnessError",
     "ShapeError",
     "UnknownOptionError",
+    "UnsupportedLayerError",
     "aslinearoperator",
     "available_backends",
     "get_backend",
@@ -115,5 +120,6 @@ __all__ = [
     "model_ggn",
     "model_hessian",
     "model_hvp",
+    "model_kfac",
     "register_backend",
 ]
