@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -348,6 +349,20 @@ class KFACLayer:
     perm: tuple[int, ...]
     d_out: int
     d_in: int
+
+
+def layer_name(param: str) -> str:
+    """The name of the layer that owns a parameter, from the parameter's name or pytree path:
+    ``"layers.0.weight"`` and ``"['layers.0.weight']"`` -> ``"layers.0"`` (torch's module name),
+    ``"['Dense_0']['kernel']"`` -> ``"Dense_0"``, ``"['W1']"`` -> ``"W1"``.
+
+    >>> layer_name("['Dense_0']['kernel']"), layer_name("head.bias")
+    ('Dense_0', 'head')
+    """
+    keys = [k or i for k, i in re.findall(r"\['(.*?)'\]|\[(\d+)\]", param)] or [param]
+    name = ".".join(keys)
+    head, _, last = name.rpartition(".")
+    return head if head and last in ("weight", "bias", "kernel") else name
 
 
 class LayerCapture:

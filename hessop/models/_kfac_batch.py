@@ -51,15 +51,40 @@ class Config:
     likelihood: str | None
 
 
+class _Pass:
+    """One of the per-batch functions of :class:`BatchFactors`, equal to the same function
+    of an equal :class:`BatchFactors`: a backend that compiles ``fn`` may then share the
+    compilation between operators of the same model, loss and options."""
+
+    def __init__(self, owner: BatchFactors, method: Callable[..., Any]) -> None:
+        self.owner, self.method = owner, method
+
+    def __call__(self, *args: Any) -> Any:
+        return self.method(*args)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Pass)
+            and self.method.__name__ == other.method.__name__
+            and self.owner.key == other.owner.key
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.method.__name__, self.owner.key))
+
+
 class BatchFactors:
-    """The per-batch functions handed to ``LayerCapture.run`` (the same objects for every
-    batch, so that a compiled version is reused)."""
+    """The per-batch functions handed to ``LayerCapture.run`` (:attr:`factors`,
+    :attr:`eigenvalues`): the same objects for every batch, so that a compiled version is
+    reused."""
 
     def __init__(self, config: Config, layers: Any, loss_fn: Callable, backend: Any) -> None:
         self.config, self.layers, self.loss_fn = config, layers, loss_fn
         self.tr, self.xp = backend.transforms, backend.xp
-        self.factors = self._factors
-        self.eigenvalues = self._eigenvalues
+        #: what decides the functions (the loss by identity)
+        self.key = (config, layers, loss_fn, backend.name)
+        self.factors = _Pass(self, self._factors)
+        self.eigenvalues = _Pass(self, self._eigenvalues)
 
     # --- the two passes -------------------------------------------------------------------
     def _factors(self, out: Any, args: Any, inputs: Any, pullback: Any, noise: Any) -> Any:
@@ -96,7 +121,7 @@ class BatchFactors:
             if layer.weight is not None:
                 at = self._augment(layer, a) @ QA
                 parts.append(_squared_rotated_gradients(xp, gt, at) * scale)
-            if self._separate_bias_block(layer):
+            if self.separate_bias_block(layer):
                 gb = xp.sum(gt, axis=2)
                 parts.append(xp.sum(xp.reshape(gb * gb, (-1, gb.shape[-1])), axis=0) * scale)
         return tuple(parts), checks
@@ -107,7 +132,7 @@ class BatchFactors:
         scale = float(n) if cfg.mean and cfg.fisher != "type-2" else 1.0
         return scale / cfg.mc_samples if cfg.fisher == "mc" else scale
 
-    def _separate_bias_block(self, layer: Any) -> bool:
+    def separate_bias_block(self, layer: Any) -> bool:
         return layer.bias is not None and (self.config.separate_bias or layer.weight is None)
 
     def _augment(self, layer: Any, a: Any) -> Any:
@@ -156,8 +181,9 @@ class BatchFactors:
         return self._sampled(out, y, noise)
 
     def _hvp(self, out: Any, y: Any) -> Callable[[Any], Any]:
-        grad = self.tr.grad(lambda o: self.loss_fn(o, y))
-        return lambda v: self.tr.jvp(grad, out, v)[1]
+        """Products with the loss Hessian with respect to the output, reverse over reverse
+        (every op has a double backward; torch lacks some forward-mode rules)."""
+        return self.tr.vjp(self.tr.grad(lambda o: self.loss_fn(o, y)), out)[1]
 
     def _type2(self, out: Any, y: Any) -> tuple[Any, dict[str, Any]]:
         xp, tr = self.xp, self.tr
@@ -191,26 +217,26 @@ class BatchFactors:
                 f"likelihood='categorical' needs outputs of shape (samples, classes), got "
                 f"{tuple(out.shape)}; use fisher='type-2' for other outputs"
             )
+        # kappa, and a check that the loss has the likelihood's Hessian: one product with
+        # the loss Hessian, on the distinct entries 1..P of the first sample's output
         P = math.prod(rest)
         row = xp.reshape(out[0], (P,))
+        u = _iota(xp, row) + 1.0
         if kind == "categorical":
             p = _softmax(xp, row, axis=0)
-            weight = p * (1 - p)
+            column = p * u - p * xp.sum(p * u)
         elif kind == "bernoulli":
             p = 1 / (1 + xp.exp(-row))
-            weight = p * (1 - p)
+            column = p * (1 - p) * u
         else:
-            weight = xp.ones_like(row)
-        j = xp.argmax(weight)
-        e = xp.astype(_iota(xp, row) == xp.astype(j, out.dtype), out.dtype)
-        column = e * weight[j] if kind != "categorical" else p[j] * (e - p)
-        probe = xp.concat([xp.reshape(e, (1, *rest)), xp.zeros((n - 1, *rest), dtype=out.dtype)])
-        hv = self._hvp(out, y)(probe)
-        beta = 1.0 / n if self.config.mean else 1.0
-        kappa = xp.reshape(hv[0], (P,))[j] / column[j] / beta
-        got = xp.reshape(hv, (n, P))
-        expected = xp.concat([xp.reshape(kappa * beta * column, (1, P)), xp.zeros_like(got[1:])])
-        misfit = xp.max(xp.abs(got - expected)) / xp.max(xp.abs(got))
+            column = u
+        got = xp.reshape(self._hvp(out, y)(xp.reshape(_first_row(xp, u, n), out.shape)), (n, P))
+        norm = xp.sum(column * column)
+        fit = xp.sum(got[0] * column) / xp.where(norm > 0, norm, 1.0)  # kappa * beta
+        expected = _first_row(xp, fit * column, n)
+        top = xp.max(xp.abs(got))
+        misfit = xp.max(xp.abs(got - expected)) / xp.where(top > 0, top, 1.0)
+        kappa = fit * (n if self.config.mean else 1)
         labels = self._labels(out, y, noise)
         grads = tr.vmap(tr.grad(lambda o, t: self.loss_fn(o, t)), in_axes=(None, 0))(out, labels)
         scale = xp.sqrt(xp.where(kappa > 0, kappa, 1.0))
@@ -236,6 +262,11 @@ class BatchFactors:
 def _iota(xp: Any, v: Any) -> Any:
     """``0, 1, ..., len(v) - 1`` in ``v``'s dtype, on ``v``'s device (under any transform)."""
     return xp.cumulative_sum(xp.ones_like(v)) - 1
+
+
+def _first_row(xp: Any, v: Any, n: int) -> Any:
+    """``(n, len(v))``: ``v`` in the first row, zeros below."""
+    return xp.concat([v[None, :], xp.zeros_like(xp.broadcast_to(v[None, :], (n - 1, v.shape[0])))])
 
 
 def _softmax(xp: Any, x: Any, axis: int) -> Any:

@@ -7,58 +7,66 @@ the bias as a last column when the two share a block; a bias alone is ``(d_out, 
 ``A = [[1]]``), so that ``(G (x) A) vec(M) = vec(G M A)`` in row-major order. Inverses,
 log-determinants and diagonals follow from the eigendecompositions of the factors:
 ``(G (x) A + d I)^{-1} vec(M) = vec(Q_G [(Q_G^T M Q_A) / (lambda_G lambda_A^T + d)] Q_A^T)``.
-
 A :class:`DenseBlock` is an explicit symmetric matrix over some leaves (the exact block of
 parameters that belong to no supported layer).
 
-Vectors travel as rows: ``Vt`` is ``(k, d)``, the transpose of a block of ``k`` columns.
+A block object holds only the static layout (hashable: equal layouts share compiled
+products); its arrays travel separately as a ``state`` dict, so that a whole product is one
+function of ``(V, states)`` that JAX compiles once (:func:`compiled`). Vectors travel as
+rows: ``Vt`` is ``(k, d)``, the transpose of a block of ``k`` columns.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
-class _Leaf:
+@dataclass(frozen=True)
+class Leaf:
     """Where a parameter leaf sits in the flat layout."""
 
-    def __init__(self, index: int, offset: int, shape: tuple[int, ...]) -> None:
-        self.index, self.offset, self.shape = index, offset, tuple(shape)
-        self.size = 1
-        for s in shape:
-            self.size *= int(s)
+    index: int
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
 
     def rows(self, Vt: Any) -> Any:
         return Vt[:, self.offset : self.offset + self.size]
 
 
-class KronBlock:
-    """One layer's block (see the module docstring)."""
+def leaves_of(spec: Any) -> list[Leaf]:
+    """The position of every leaf of a parameter layout."""
+    out, offset = [], 0
+    for i, shape in enumerate(spec.shapes):
+        out.append(Leaf(i, offset, tuple(shape)))
+        offset += out[-1].size
+    return out
 
-    def __init__(
-        self,
-        xp: Any,
-        name: str,
-        weight: _Leaf | None,
-        bias: _Leaf | None,
-        perm: tuple[int, ...],
-        G: Any,
-        A: Any,
-    ) -> None:
-        self.xp, self.name, self.weight, self.bias, self.perm = xp, name, weight, bias, perm
-        self.G, self.A = G, A
-        self.E: Any = None  # EKFAC's eigenvalues, (d_out, d_r)
-        self._eig: tuple[Any, Any, Any, Any] | None = None
-        self.d_out = int(G.shape[0])
-        if weight is not None:
-            self.permuted = tuple(weight.shape[p] for p in perm)
-            self.inverse_perm = tuple(sorted(range(len(perm)), key=perm.__getitem__))
-            self.d_in = weight.size // self.d_out
+
+@dataclass(frozen=True)
+class KronBlock:
+    """One layer's block (see the module docstring). State: ``G``, ``A``; after
+    :meth:`with_eig` also ``lG``, ``QG``, ``lA``, ``QA``; EKFAC adds ``E``."""
+
+    name: str
+    weight: Leaf | None
+    bias: Leaf | None
+    perm: tuple[int, ...]
+    d_out: int
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.size // self.d_out if self.weight is not None else 0
 
     # --- the matrix view of the parameters ------------------------------------------------
-    def gather(self, Vt: Any) -> Any:
-        xp, k = self.xp, Vt.shape[0]
-        parts = []
+    def gather(self, xp: Any, Vt: Any) -> Any:
+        k, parts = Vt.shape[0], []
         if self.weight is not None:
             W = xp.reshape(self.weight.rows(Vt), (k, *self.weight.shape))
             W = xp.permute_dims(W, (0, *(1 + p for p in self.perm)))
@@ -67,127 +75,154 @@ class KronBlock:
             parts.append(xp.reshape(self.bias.rows(Vt), (k, self.d_out, 1)))
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=2)
 
-    def scatter(self, R: Any, out: list[Any]) -> None:
-        xp, k = self.xp, R.shape[0]
+    def scatter(self, xp: Any, R: Any, out: list[Any]) -> None:
+        k = R.shape[0]
         if self.weight is not None:
             W = R[:, :, : self.d_in] if self.bias is not None else R
-            W = xp.reshape(W, (k, *self.permuted))
-            W = xp.permute_dims(W, (0, *(1 + q for q in self.inverse_perm)))
+            W = xp.reshape(W, (k, *(self.weight.shape[p] for p in self.perm)))
+            inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
+            W = xp.permute_dims(W, (0, *(1 + q for q in inverse)))
             out[self.weight.index] = xp.reshape(W, (k, self.weight.size))
         if self.bias is not None:
             out[self.bias.index] = R[:, :, -1]
 
-    # --- the matrix -----------------------------------------------------------------------
-    def eig(self) -> tuple[Any, Any, Any, Any]:
-        """``(lambda_G, Q_G, lambda_A, Q_A)``, computed once."""
-        if self._eig is None:
-            gv = self.xp.linalg.eigh(self.G)
-            av = self.xp.linalg.eigh(self.A)
-            self._eig = (gv.eigenvalues, gv.eigenvectors, av.eigenvalues, av.eigenvectors)
-        return self._eig
+    # --- the matrix, given its state ------------------------------------------------------
+    @staticmethod
+    def with_eig(xp: Any, s: dict[str, Any]) -> dict[str, Any]:
+        """The state with the factors' eigendecompositions."""
+        g, a = xp.linalg.eigh(s["G"]), xp.linalg.eigh(s["A"])
+        return {**s, "lG": g.eigenvalues, "QG": g.eigenvectors, "lA": a.eigenvalues,
+                "QA": a.eigenvectors}  # fmt: skip
 
-    def eigenvalues(self) -> Any:
+    @staticmethod
+    def eigenvalues(s: dict[str, Any]) -> Any:
         """The ``(d_out, d_r)`` eigenvalues of the block (EKFAC's refit ones)."""
-        if self.E is not None:
-            return self.E
-        lg, _, la, _ = self.eig()
-        return lg[:, None] * la[None, :]
+        return s["E"] if "E" in s else s["lG"][:, None] * s["lA"][None, :]
 
-    def mul(self, M: Any) -> Any:
-        if self.E is None:
-            return self.G @ M @ self.A
-        return self._in_eigenbasis(M, self.E, divide=False)
+    def mul(self, xp: Any, s: dict[str, Any], M: Any) -> Any:
+        if "E" not in s:
+            return s["G"] @ M @ s["A"]
+        return _in_eigenbasis(xp, s, M, s["E"], divide=False)
 
-    def inv(self, M: Any, damping: float) -> Any:
-        return self._in_eigenbasis(M, self.eigenvalues() + damping, divide=True)
+    def inv(self, xp: Any, s: dict[str, Any], M: Any, damping: Any) -> Any:
+        return _in_eigenbasis(xp, s, M, self.eigenvalues(s) + damping, divide=True)
 
-    def _in_eigenbasis(self, M: Any, scale: Any, divide: bool) -> Any:
-        xp = self.xp
-        _, QG, _, QA = self.eig()
-        T = xp.matrix_transpose(QG) @ M @ QA
-        T = T / scale if divide else T * scale
-        return QG @ T @ xp.matrix_transpose(QA)
+    def trace(self, xp: Any, s: dict[str, Any]) -> Any:
+        if "E" in s:
+            return xp.sum(s["E"])
+        return xp.sum(xp.linalg.diagonal(s["G"])) * xp.sum(xp.linalg.diagonal(s["A"]))
 
-    def trace(self) -> Any:
-        xp = self.xp
-        if self.E is not None:
-            return xp.sum(self.E)
-        return xp.sum(xp.linalg.diagonal(self.G)) * xp.sum(xp.linalg.diagonal(self.A))
+    def logdet(self, xp: Any, s: dict[str, Any], damping: Any) -> Any:
+        return xp.sum(xp.log(xp.clip(self.eigenvalues(s), min=0.0) + damping))
 
-    def logdet(self, damping: float) -> Any:
-        xp = self.xp
-        return xp.sum(xp.log(xp.clip(self.eigenvalues(), min=0.0) + damping))
+    def smallest(self, xp: Any, s: dict[str, Any]) -> Any:
+        return xp.min(self.eigenvalues(s))
 
-    def min_eigenvalue(self) -> Any:
-        return self.xp.min(self.eigenvalues())
-
-    def diagonal(self) -> Any:
-        xp = self.xp
-        if self.E is None:
-            return (xp.linalg.diagonal(self.G)[:, None] * xp.linalg.diagonal(self.A)[None, :])[None]
-        _, QG, _, QA = self.eig()
-        return ((QG * QG) @ self.E @ xp.matrix_transpose(QA * QA))[None]
+    def diagonal(self, xp: Any, s: dict[str, Any]) -> Any:
+        if "E" not in s:
+            dg, da = xp.linalg.diagonal(s["G"]), xp.linalg.diagonal(s["A"])
+            return (dg[:, None] * da[None, :])[None]
+        QG, QA = s["QG"], s["QA"]
+        return ((QG * QG) @ s["E"] @ xp.matrix_transpose(QA * QA))[None]
 
 
+def _in_eigenbasis(xp: Any, s: dict[str, Any], M: Any, scale: Any, divide: bool) -> Any:
+    T = xp.matrix_transpose(s["QG"]) @ M @ s["QA"]
+    T = T / scale if divide else T * scale
+    return s["QG"] @ T @ xp.matrix_transpose(s["QA"])
+
+
+@dataclass(frozen=True)
 class DenseBlock:
-    """An explicit symmetric block over some leaves (their flat entries, in leaf order)."""
+    """An explicit symmetric block over some leaves (their entries, in leaf order). State:
+    ``D``; after :meth:`with_eig` also ``lD``, ``UD``."""
 
-    def __init__(self, xp: Any, leaves: list[_Leaf], D: Any) -> None:
-        self.xp, self.leaves, self.D = xp, leaves, D
-        self.name = "exact block"
-        self._eig: tuple[Any, Any] | None = None
+    leaves: tuple[Leaf, ...]
+    name: str = "exact block"
 
-    def gather(self, Vt: Any) -> Any:
-        return self.xp.concat([leaf.rows(Vt) for leaf in self.leaves], axis=1)
+    def gather(self, xp: Any, Vt: Any) -> Any:
+        return xp.concat([leaf.rows(Vt) for leaf in self.leaves], axis=1)
 
-    def scatter(self, R: Any, out: list[Any]) -> None:
+    def scatter(self, xp: Any, R: Any, out: list[Any]) -> None:
         start = 0
         for leaf in self.leaves:
             out[leaf.index] = R[:, start : start + leaf.size]
             start += leaf.size
 
-    def eig(self) -> tuple[Any, Any]:
-        if self._eig is None:
-            res = self.xp.linalg.eigh(self.D)
-            self._eig = (res.eigenvalues, res.eigenvectors)
-        return self._eig
+    @staticmethod
+    def with_eig(xp: Any, s: dict[str, Any]) -> dict[str, Any]:
+        res = xp.linalg.eigh(s["D"])
+        return {**s, "lD": res.eigenvalues, "UD": res.eigenvectors}
 
-    def mul(self, M: Any) -> Any:
-        return M @ self.D
+    def mul(self, xp: Any, s: dict[str, Any], M: Any) -> Any:
+        return M @ s["D"]
 
-    def inv(self, M: Any, damping: float) -> Any:
-        lam, U = self.eig()
-        return ((M @ U) / (lam + damping)) @ self.xp.matrix_transpose(U)
+    def inv(self, xp: Any, s: dict[str, Any], M: Any, damping: Any) -> Any:
+        U = s["UD"]
+        return ((M @ U) / (s["lD"] + damping)) @ xp.matrix_transpose(U)
 
-    def trace(self) -> Any:
-        return self.xp.sum(self.xp.linalg.diagonal(self.D))
+    def trace(self, xp: Any, s: dict[str, Any]) -> Any:
+        return xp.sum(xp.linalg.diagonal(s["D"]))
 
-    def logdet(self, damping: float) -> Any:
-        xp = self.xp
-        return xp.sum(xp.log(xp.clip(self.eig()[0], min=0.0) + damping))
+    def logdet(self, xp: Any, s: dict[str, Any], damping: Any) -> Any:
+        return xp.sum(xp.log(xp.clip(s["lD"], min=0.0) + damping))
 
-    def min_eigenvalue(self) -> Any:
-        return self.xp.min(self.eig()[0])
+    def smallest(self, xp: Any, s: dict[str, Any]) -> Any:
+        return xp.min(s["lD"])
 
-    def diagonal(self) -> Any:
-        return self.xp.linalg.diagonal(self.D)[None]
+    def diagonal(self, xp: Any, s: dict[str, Any]) -> Any:
+        return xp.linalg.diagonal(s["D"])[None]
 
 
-def leaves_of(spec: Any) -> list[_Leaf]:
-    """The position of every leaf of a parameter layout."""
-    out, offset = [], 0
-    for i, shape in enumerate(spec.shapes):
-        out.append(_Leaf(i, offset, shape))
-        offset += out[-1].size
-    return out
+# --- whole-matrix functions, compiled once per layout ---------------------------------------
+def _product(blocks: tuple, num_leaves: int, op: str) -> Callable[..., Any]:
+    def fn(xp: Any, V: Any, states: list[dict[str, Any]], damping: Any) -> Any:
+        vec = len(V.shape) == 1
+        Vt = V[None, :] if vec else xp.permute_dims(V, (1, 0))
+        out: list[Any] = [None] * num_leaves
+        for b, s in zip(blocks, states):
+            M = b.gather(xp, Vt)
+            b.scatter(xp, b.mul(xp, s, M) if op == "mul" else b.inv(xp, s, M, damping), out)
+        R = xp.concat(out, axis=1)
+        return R[0] if vec else xp.permute_dims(R, (1, 0))
+
+    return fn
 
 
-def apply(xp: Any, blocks: list[Any], op: Any, V: Any, num_leaves: int) -> Any:
-    """``op(block, M)`` of every block, assembled: a vector ``(d,)`` or a block ``(d, k)``."""
-    vec = len(V.shape) == 1
-    Vt = V[None, :] if vec else xp.permute_dims(V, (1, 0))
-    out: list[Any] = [None] * num_leaves
-    for b in blocks:
-        b.scatter(op(b, b.gather(Vt)), out)
-    R = xp.concat(out, axis=1)
-    return R[0] if vec else xp.permute_dims(R, (1, 0))
+def _eig(blocks: tuple, num_leaves: int, op: str) -> Callable[..., Any]:
+    def fn(xp: Any, states: list[dict[str, Any]]) -> Any:
+        return [b.with_eig(xp, s) for b, s in zip(blocks, states)]
+
+    return fn
+
+
+def _summary(blocks: tuple, num_leaves: int, op: str) -> Callable[..., Any]:
+    """Trace, log-determinant (at ``damping``), smallest eigenvalue and diagonal."""
+
+    def fn(xp: Any, states: list[dict[str, Any]], damping: Any) -> Any:
+        out: list[Any] = [None] * num_leaves
+        for b, s in zip(blocks, states):
+            b.scatter(xp, b.diagonal(xp, s), out)
+        pairs = list(zip(blocks, states))
+        trace = sum(b.trace(xp, s) for b, s in pairs)
+        logdet = sum(b.logdet(xp, s, damping) for b, s in pairs)
+        smallest = xp.min(xp.stack([b.smallest(xp, s) for b, s in pairs]))
+        return trace, logdet, smallest, xp.concat(out, axis=1)[0]
+
+    return fn
+
+
+_FUNCTIONS: dict[Any, Callable[..., Any]] = {}
+_BUILDERS = {"mul": _product, "inv": _product, "eig": _eig, "summary": _summary}
+
+
+def compiled(bk: Any, device: Any, blocks: tuple, num_leaves: int, op: str) -> Callable[..., Any]:
+    """``op`` over these blocks as ``fn(*arrays)``, compiled by the backend where that pays
+    (JAX: once per layout and shapes, shared by every operator with the same layout)."""
+    key = (blocks, num_leaves, op)
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        if len(_FUNCTIONS) > 256:  # layouts of operators long gone
+            _FUNCTIONS.clear()
+        fn = _FUNCTIONS[key] = _BUILDERS[op](blocks, num_leaves, op)
+    return bk.jit(fn, device)

@@ -43,7 +43,7 @@ from .._streamed import CurvatureOperator
 from ..backends._base import KernelOptions
 from . import _kfac_batch
 from ._api import Prepared, prepare
-from ._kfac_blocks import DenseBlock, KronBlock, apply, leaves_of
+from ._kfac_blocks import DenseBlock, KronBlock, compiled, leaves_of
 from .fisher import FisherKernel, FisherOperator, rows
 from .ggn import GGNOperator
 
@@ -63,7 +63,7 @@ class KFACOperator(CurvatureOperator):
         The layers found, in the order the model calls them.
     """
 
-    def __init__(self, p: Prepared, capture: Any, config: Any, kind: str, exact: list[int]):
+    def __init__(self, p: Prepared, capture: Any, config: Any, kind: str) -> None:
         kernel = p.backend.hessian_kernel(p.loss, p.backend.auto_mode, KernelOptions(p.device))
         super().__init__(
             p.leaves,
@@ -81,7 +81,9 @@ class KFACOperator(CurvatureOperator):
         self._capture, self._seed = capture, 0
         self._fns = _kfac_batch.BatchFactors(config, capture.layers, p.model.loss_fn, p.backend)
         self._out_rest: tuple[int, ...] = ()
-        self._blocks: list[Any] = []
+        self._blocks: tuple[Any, ...] = ()
+        self._states: list[dict[str, Any]] = []
+        self._eig_states: list[dict[str, Any]] | None = None
 
     # --- construction: the passes over the data -------------------------------------------
     def _build(self, p: Prepared, exact: list[int], seed: int) -> None:
@@ -96,11 +98,14 @@ class KFACOperator(CurvatureOperator):
         count = parts.pop()
         if not self.config.mean:  # A is a mean over the samples for either reduction
             parts = _divide_inputs(self.layers, parts, count)
-        self._blocks = self._kron_blocks(parts)
+        self._kron_blocks(parts)
         if self.kind == "ekfac":
             self._refit()
         if exact:
-            self._blocks.append(self._exact_block(p, exact))
+            leaves = leaves_of(self.spec)
+            self._blocks += (DenseBlock(tuple(leaves[i] for i in exact)),)
+            self._states.append({"D": self._exact_block(p, self._blocks[-1])})
+            self._eig_states = None
 
     def _pass(self, fn: Callable[..., Any], *extra: Any) -> tuple[Any, ...]:
         """``fn`` over the batches through the capture, size-weighted like every product."""
@@ -130,8 +135,8 @@ class KFACOperator(CurvatureOperator):
             draw = rng.random((m, n))
         return self.asarray(draw)
 
-    def _kron_blocks(self, parts: list[Any]) -> list[KronBlock]:
-        xp, leaves, blocks = self.xp, leaves_of(self.spec), []
+    def _kron_blocks(self, parts: list[Any]) -> None:
+        leaves, blocks, states = leaves_of(self.spec), [], []
         it = iter(parts)
         for layer in self.layers:
             A = next(it) if layer.weight is not None else None
@@ -140,27 +145,31 @@ class KFACOperator(CurvatureOperator):
             b = leaves[layer.bias] if layer.bias is not None else None
             joint = not self.config.separate_bias and w is not None
             if w is not None:
-                blocks.append(KronBlock(xp, layer.name, w, b if joint else None, layer.perm, G, A))
+                blocks.append(KronBlock(layer.name, w, b if joint else None, layer.perm, len(G)))
+                states.append({"G": G, "A": A})
             if b is not None and not joint:
-                one = xp.ones_like(G[:1, :1])
-                blocks.append(KronBlock(xp, layer.name + " (bias)", None, b, (), G, one))
-        return blocks
+                blocks.append(KronBlock(layer.name + " (bias)", None, b, (), len(G)))
+                states.append({"G": G, "A": self.xp.ones_like(G[:1, :1])})
+        self._blocks, self._states = tuple(blocks), states
 
     def _refit(self) -> None:
         """EKFAC's second pass: eigenvalues from the per-sample gradients in the eigenbasis."""
-        bases, it = [], iter(self._blocks)
+        states, bases = self._eigen(), []
+        it = iter(states)
         for layer in self.layers:
             QA = QG = None
             if layer.weight is not None:
-                _, QG, _, QA = next(it).eig()
-            if self._fns._separate_bias_block(layer):
-                _, QG, _, _ = next(it).eig()
+                s = next(it)
+                QG, QA = s["QG"], s["QA"]
+            if self._fns.separate_bias_block(layer):
+                QG = next(it)["QG"]
             bases.append((QA, QG))
         parts = self._pass(self._fns.eigenvalues, tuple(bases))
-        for block, E in zip(self._blocks, parts):
-            block.E = E if len(E.shape) == 2 else E[:, None]
+        for s, E in zip(states, parts):
+            s["E"] = E if len(E.shape) == 2 else E[:, None]
+        self._states = states  # EKFAC's products need the eigenbases
 
-    def _exact_block(self, p: Prepared, exact: list[int]) -> DenseBlock:
+    def _exact_block(self, p: Prepared, block: DenseBlock) -> Any:
         """The exact block of the approximated matrix (GGN, or the empirical Fisher) over
         the parameters that belong to no supported layer."""
         options = KernelOptions(p.device, cache=False)
@@ -174,17 +183,29 @@ class KFACOperator(CurvatureOperator):
             p.leaves, self.spec, p.batches, kernel,
             backend=p.backend, device=p.device, watch=p.watch, loss=p.loss,
         )  # fmt: skip
-        leaves = [leaves_of(self.spec)[i] for i in exact]
-        index = np.concatenate([np.arange(lf.offset, lf.offset + lf.size) for lf in leaves])
+        index = np.concatenate([np.arange(lf.offset, lf.offset + lf.size) for lf in block.leaves])
         E = np.zeros((self.shape[0], len(index)))
         E[index, np.arange(len(index))] = 1.0
         D = self.xp.take(op @ self.asarray(E), self.asarray(index, dtype="int64"), axis=0)
-        return DenseBlock(self.xp, leaves, (D + self.xp.matrix_transpose(D)) / 2)
+        return (D + self.xp.matrix_transpose(D)) / 2
 
     # --- the matrix -----------------------------------------------------------------------
+    def _compiled(self, op: str) -> Callable[..., Any]:
+        return compiled(self._bk, self.device, self._blocks, self.spec.num_leaves, op)
+
+    def _eigen(self) -> list[dict[str, Any]]:
+        """The blocks' states with their eigendecompositions (computed once)."""
+        if self._eig_states is None:
+            self._eig_states = self._compiled("eig")(self._states)
+        return self._eig_states
+
+    def _summary(self, damping: float = 0.0) -> tuple[Any, Any, Any, Any]:
+        self.watch.check()
+        return self._compiled("summary")(self._eigen(), damping)
+
     def _matmat(self, V: Any) -> Any:
         self.watch.check()
-        return apply(self.xp, self._blocks, lambda b, M: b.mul(M), V, self.spec.num_leaves)
+        return self._compiled("mul")(V, self._states, 0.0)
 
     def _matvec(self, v: Any) -> Any:
         return self._matmat(v)
@@ -209,8 +230,7 @@ class KFACOperator(CurvatureOperator):
         True
         """
         damping = _checks.real(damping, "damping", minimum=0.0)
-        self.watch.check()
-        low = min(float(b.min_eigenvalue()) for b in self._blocks) + damping
+        low = float(self._summary()[2]) + damping
         if low <= 0:
             raise ValueError(
                 f"K + damping I is singular (its smallest eigenvalue is {low:.3g}); pass "
@@ -219,39 +239,53 @@ class KFACOperator(CurvatureOperator):
         return KFACInverseOperator(self, damping)
 
     def trace(self) -> Any:
-        """The exact trace of the factored matrix (a 0-d array): ``sum tr(G) tr(A)``."""
-        self.watch.check()
-        return sum(b.trace() for b in self._blocks)
+        """The exact trace of the factored matrix (a 0-d array): ``sum tr(G) tr(A)``.
+
+        >>> import torch, hessop
+        >>> model = torch.nn.Linear(3, 2, bias=False).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        >>> K = hessop.model_kfac(model, torch.nn.MSELoss(reduction="sum"), (x, y))
+        >>> bool(torch.isclose(K.trace(), torch.trace(K.to_dense())))
+        True
+        """
+        return self._summary()[0]
 
     def logdet(self, damping: float = 0.0) -> Any:
         """``log det(K + damping I)`` (a 0-d array), exact, from the factors' eigenvalues
-        (round-off negatives count as 0, so ``damping=0`` gives ``-inf`` for a singular K)."""
+        (round-off negatives count as 0, so ``damping=0`` gives ``-inf`` for a singular K).
+
+        >>> import torch, hessop
+        >>> model = torch.nn.Linear(3, 2, bias=False).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        >>> K = hessop.model_kfac(model, torch.nn.MSELoss(reduction="sum"), (x, y))
+        >>> bool(torch.isclose(K.logdet(0.5), torch.logdet(K.to_dense() + 0.5 * torch.eye(6))))
+        True
+        """
         damping = _checks.real(damping, "damping", minimum=0.0)
-        self.watch.check()
-        return sum(b.logdet(damping) for b in self._blocks)
+        return self._summary(damping)[1]
 
     def diagonal(self) -> Any:
-        """The exact diagonal of the factored matrix, a ``(d,)`` array in the flat layout."""
-        self.watch.check()
-        out: list[Any] = [None] * self.spec.num_leaves
-        for b in self._blocks:
-            b.scatter(b.diagonal(), out)
-        return self.xp.concat(out, axis=1)[0]
+        """The exact diagonal of the factored matrix, a ``(d,)`` array in the flat layout.
+
+        >>> import torch, hessop
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        >>> K = hessop.model_kfac(model, torch.nn.MSELoss(), (x, y), kind="ekfac")
+        >>> torch.allclose(K.diagonal(), torch.diagonal(K.to_dense()))
+        True
+        """
+        return self._summary()[3]
 
     @property
     def factors(self) -> dict[str, dict[str, Any]]:
         """Per block (named after its layer): ``"A"`` and ``"G"`` (and EKFAC's
         ``"eigenvalues"``, shaped ``(d_out, d_r)``); the exact block under ``"D"``."""
         self.watch.check()
-        out: dict[str, dict[str, Any]] = {}
-        for b in self._blocks:
-            if isinstance(b, DenseBlock):
-                out[b.name] = {"D": b.D}
-            else:
-                out[b.name] = {"A": b.A, "G": b.G}
-                if b.E is not None:
-                    out[b.name]["eigenvalues"] = b.E
-        return out
+        names = {"A": "A", "G": "G", "E": "eigenvalues", "D": "D"}
+        return {
+            b.name: {names[k]: v for k, v in s.items() if k in names}
+            for b, s in zip(self._blocks, self._states)
+        }
 
 
 class KFACInverseOperator(LinearOperator):
@@ -264,9 +298,9 @@ class KFACInverseOperator(LinearOperator):
         self.K, self.damping = K, damping
 
     def _matmat(self, V: Any) -> Any:
-        K, d = self.K, self.damping
+        K = self.K
         K.watch.check()
-        return apply(self.xp, K._blocks, lambda b, M: b.inv(M, d), V, K.spec.num_leaves)
+        return K._compiled("inv")(V, K._eigen(), self.damping)
 
     def _matvec(self, v: Any) -> Any:
         return self._matmat(v)
@@ -402,7 +436,7 @@ def model_kfac(
     config = _kfac_batch.Config(
         fisher, weight_sharing, separate_bias, p.batches.reduction == "mean", mc_samples, likelihood
     )
-    K = KFACOperator(p, capture, config, kind, exact)
+    K = KFACOperator(p, capture, config, kind)
     K._build(p, exact, seed)
     return K
 
@@ -438,15 +472,15 @@ def _likelihood(p: Prepared, fisher: str, likelihood: str | None) -> str | None:
 def _unsupported(p: Prepared, capture: Any, unsupported: str) -> list[int]:
     """The leaves that get the exact block (or the error naming them)."""
     found = capture.unsupported
+    names = list(getattr(p.model, "names", None) or p.loss.spec.paths)
+    items = "; ".join(f"{names[i]} ({why})" for i, why in found.items())
     if not capture.layers:
         raise UnsupportedLayerError(
             "model_kfac found no supported layer (torch nn.Linear / nn.Conv2d; in JAX a "
-            "dot_general or conv_general_dilated applying a parameter) among the "
-            "differentiated parameters"
+            "dot_general or conv_general_dilated applying a parameter to an activation) among "
+            f"the differentiated parameters: {items}"
         )
     if found and unsupported == "error":
-        names = list(getattr(p.model, "names", None) or p.loss.spec.paths)
-        items = "; ".join(f"{names[i]} ({why})" for i, why in found.items())
         raise UnsupportedLayerError(
             f"model_kfac: these parameters belong to no supported layer: {items}. Exclude "
             "them with params=, or pass unsupported='exact' to give them their exact block "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,12 +30,14 @@ from jax import lax
 from jax.extend import core as jcore
 
 from ..._pytree import flatten, unflatten
-from .._base import KFACLayer, LayerCapture
+from .._base import KFACLayer, LayerCapture, layer_name
 
 #: primitives that only move, cast or broadcast a parameter's entries
 _LAYOUT = ("transpose", "convert_element_type", "copy", "copy_p", "reduce_precision")
 _RESHAPES = ("broadcast_in_dim", "reshape", "squeeze")
 #: call primitives entered by the analysis and the interpreter, and their jaxpr parameter
+#: the compiled per-batch functions (see JaxLayerCapture.run)
+_COMPILED: dict[Any, Callable[..., Any]] = {}
 _CALLS = {
     "pjit": "jaxpr",
     "jit": "jaxpr",
@@ -90,12 +91,17 @@ def _inner(eqn: Any) -> Any:
     return sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(sub, ())
 
 
-def _walk(jaxpr: Any, tags: dict[Any, _Tag], outs: dict[Any, _Found], an: _Analysis) -> tuple:
+def _walk(jaxpr: Any, tags: dict[Any, _Tag], outs: dict[Any, tuple], an: _Analysis) -> tuple:
     """Tag propagation over ``jaxpr``: fills ``an``; returns the outputs' tags and layers."""
     for eqn in jaxpr.eqns:
         ins = [tags.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
         layer_ins = [outs.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
         name = eqn.primitive.name
+        if name == "transpose" and layer_ins[0] is not None:  # a layer output, transposed
+            found, channels = layer_ins[0]
+            perm = list(eqn.params["permutation"])
+            outs[eqn.outvars[0]] = (found, tuple(perm.index(c) for c in channels))
+            continue
         if not any(ins) and not (name in _CALLS and any(layer_ins)):
             continue
         if name in _LAYOUT or name in _RESHAPES:
@@ -201,7 +207,7 @@ def _dot(eqn: Any, ins: list, tags: dict, outs: dict, an: _Analysis) -> None:
         out_order=positions + channels,
     )
     an.layers.append(found)
-    outs[eqn.outvars[0]] = found
+    outs[eqn.outvars[0]] = (found, found.channels)
 
 
 def _conv(eqn: Any, ins: list, outs: dict, an: _Analysis) -> None:
@@ -230,36 +236,27 @@ def _conv(eqn: Any, ins: list, outs: dict, an: _Analysis) -> None:
         out_order=(out_spec[0], *out_spec[2:], out_spec[1]),
     )
     an.layers.append(found)
-    outs[eqn.outvars[0]] = found
+    outs[eqn.outvars[0]] = (found, found.channels)
 
 
 def _bias(eqn: Any, ins: list, layer_ins: list, an: _Analysis) -> None:
     """A parameter added to a layer's output along its channels is the layer's bias."""
     for i in (0, 1):
-        found, tag = layer_ins[i], ins[1 - i]
-        if found is None or tag is None or ins[i] is not None or found.bias is not None:
+        tag = ins[1 - i]
+        if layer_ins[i] is None or tag is None or ins[i] is not None:
+            continue
+        found, channels = layer_ins[i]
+        if found.bias is not None:
             continue
         rank = len(eqn.invars[1 - i].aval.shape)
-        want = [None] * rank
-        for k, c in enumerate(found.channels):
+        want: list[int | None] = [None] * rank
+        for k, c in enumerate(channels):
             want[c] = k
         if len(want) == len(tag.axes) and list(tag.axes) == want:
             found.bias = tag.leaf
             return
     for t in ins:
         an.use(t, "add (not as the bias of a layer)")
-
-
-def _name(path: str) -> str:
-    """A leaf's path as a dotted name, without a final "weight" / "kernel" key:
-    ``"['layers.0.weight']"`` -> ``"layers.0"`` (torch's module name), ``"['Dense_0']['kernel']"``
-    -> ``"Dense_0"``."""
-    keys = [k or i for k, i in re.findall(r"\['(.*?)'\]|\[(\d+)\]", path)] or [path]
-    name = ".".join(keys)
-    for suffix in (".weight", ".kernel"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _analyze(closed: Any, num_leaves: int) -> _Analysis:
@@ -289,7 +286,7 @@ def _describe(an: _Analysis, names: list[str], num_leaves: int) -> tuple[tuple, 
     for f in an.layers:
         if f.weight in why:
             if f.bias is not None:
-                why.setdefault(f.bias, f"the weight of its layer ({names[f.weight]}) is not")
+                why.setdefault(f.bias, f"the weight of its layer ({names[f.weight]}) is not supported")
             continue
         bias = f.bias if f.bias is not None and f.bias not in why else None
         layers.append(KFACLayer(names[f.weight], f.kind, f.weight, bias, f.perm, f.d_out, f.d_in))
@@ -304,19 +301,23 @@ class JaxLayerCapture(LayerCapture):
         leaves = flatten(model.params)[0]
         self.num_leaves = len(leaves)
         closed = jax.make_jaxpr(self._output)(tuple(leaves), example[0])
-        names = [_name(path) for path in spec.paths]
+        names = [layer_name(path) for path in spec.paths]
         self.layers, self.unsupported = _describe(
             _analyze(closed, self.num_leaves), names, self.num_leaves
         )
-        self._jitted: dict[Any, Callable[..., Any]] = {}
 
     def _output(self, point: tuple[Any, ...], x: Any) -> Any:
         return self.model.output(unflatten(self.spec, list(point)), x)
 
     def run(self, fn: Callable[..., Any], point: tuple[Any, ...], args: Any, *extra: Any) -> Any:
-        jitted = self._jitted.get(fn)
+        # One compilation per model functions, layout, layers and fn, shared by every
+        # capture of them (a KFAC recomputed at each training step compiles once).
+        key = (getattr(self.model, "key", self.model), self.spec, self.layers, fn)
+        jitted = _COMPILED.get(key)
         if jitted is None:
-            jitted = self._jitted[fn] = jax.jit(functools.partial(self._run, fn))
+            if len(_COMPILED) >= 64:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            jitted = _COMPILED[key] = jax.jit(functools.partial(self._run, fn))
         return jitted(tuple(point), tuple(args), *extra)
 
     def _run(self, fn: Callable[..., Any], point: tuple, args: tuple, *extra: Any) -> Any:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._pytree import flatten, unflatten
-from .._base import KFACLayer, LayerCapture
+from .._base import KFACLayer, LayerCapture, layer_name
 from ._context import autodiff_context
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -39,6 +39,12 @@ def _call_args(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict
     else:
         return None
     return {**defaults, **dict(zip(names, args)), **kwargs}
+
+
+def _tensors_in(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return True
+    return isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in out)
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -82,13 +88,16 @@ class _Calls(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         call = _call_args(func, args, kwargs)
         if call is None:
-            if self.layers is None:
+            out = func(*args, **kwargs)
+            if self.layers is None and _tensors_in(out):  # not metadata (.shape, .size())
                 name = getattr(func, "__name__", str(func))
+                if name == "__get__":  # a property: name the attribute (.T, .mT, .data)
+                    name = "." + getattr(getattr(func, "__self__", None), "__name__", "?")
                 for a in (*args, *kwargs.values()):
                     i = self._leaf(a)
-                    if i is not None and name != "__get__":
+                    if i is not None:
                         self.others.setdefault(i, set()).add(name)
-            return func(*args, **kwargs)
+            return out
         out = func(*args, **kwargs)
         if self.layers is None:
             self.calls.append((func.__name__, call))
@@ -201,31 +210,27 @@ def _layers(mode: _Calls, names: list[str], leaves: list[Any]) -> tuple[tuple, d
             why[i] = f"it is used {len(u)} times ({'; '.join(u)}): a shared weight"
     layers = []
     for fname, w, b, call in found:
-        ndim = call["input"].ndim
+        key = w if w is not None else b
         if fname == "conv2d" and int(call["groups"]) != 1:
-            why.setdefault(w, f"grouped convolutions (groups={call['groups']}) are not supported")
-        elif ndim < (4 if fname == "conv2d" else 2):
-            why.setdefault(w if w is not None else b, f"its {fname} input has no batch axis")
-        if w is not None and w in why:
-            if b is not None:
-                why.setdefault(b, f"the weight of its layer ({names[w]}) is not supported")
+            why.setdefault(key, f"grouped convolutions (groups={call['groups']}) are unsupported")
+        elif call["input"].ndim < (4 if fname == "conv2d" else 2):
+            why.setdefault(key, f"its {fname} input has no batch axis")
+        if w is not None and w in why and b is not None:
+            why.setdefault(b, f"the weight of its layer ({names[w]}) is not supported")
+        w = None if w in why else w
+        b = None if b in why else b
+        if w is None and (b is None or call["weight"] is None):
             continue
-        if b is not None and b in why:
-            b = None
         weight = call["weight"]
-        d_out = int(weight.shape[0])
-        d_in = int(weight[0].numel())
-        owner = names[w if w is not None else b]
-        name = owner.rsplit(".", 1)[0] if "." in owner else owner
         layers.append(
             KFACLayer(
-                name,
+                layer_name(names[key]),
                 "conv" if fname == "conv2d" else "linear",
                 w,
                 b,
                 tuple(range(weight.ndim)),
-                d_out,
-                d_in,
+                int(weight.shape[0]),
+                int(weight[0].numel()),
             )
         )
     for i in range(len(leaves)):
