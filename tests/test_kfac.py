@@ -110,7 +110,7 @@ def test_ekfac_eigenvalues_are_the_exact_diagonal_in_the_kronecker_eigenbasis(ba
 def reference_case(name, framework, n=12, seed=1, **sizes):
     from model_utils import SMALL
 
-    from hessop.models import reference as R
+    from hessop.bench import reference as R
 
     spec = R.get_reference(name, **(sizes or SMALL[name]))
     x, y = spec.make_batch(n, seed=seed, framework=framework, dtype="float64")
@@ -212,7 +212,7 @@ def test_equals_curvlinops_at_reference_sizes(name):
     # the reference models at their default sizes: products with 3 random vectors
     torch = pytest.importorskip("torch")
     curvlinops = pytest.importorskip("curvlinops")
-    from hessop.models import reference as R
+    from hessop.bench import reference as R
 
     spec = R.get_reference(name)
     model = spec.torch_model(seed=0, dtype=torch.float64)
