@@ -135,7 +135,7 @@ def sequence_case(backend: str, pool: bool, n=5, S=3, sizes=(3, 4, 2), seed=3, a
 
         model = Net().double()
         with torch.no_grad():
-            for (name, p), key in zip(model.named_parameters(), w):
+            for p, key in zip(model.parameters(), w):
                 p.copy_(torch.from_numpy(w[key]))
         data = [tuple(as_native("torch", list(b))) for b in data]
         return model, mse_mean("torch"), data, {}

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import backend_params, has_framework, to_numpy
 from kfac_cases import conv_case, linear_case, sequence_case
 
 import hessop
+from conftest import backend_params, has_framework, to_numpy
 
 
 def dense(op) -> np.ndarray:
@@ -144,7 +144,11 @@ def test_equals_curvlinops(name, options):
     loss = torch.nn.CrossEntropyLoss()
     for kw in options:
         K = hessop.model_kfac(model, loss, data, **kw)
-        cls = curvlinops.EKFACLinearOperator if kw["kind"] == "ekfac" else curvlinops.KFACLinearOperator
+        cls = (
+            curvlinops.EKFACLinearOperator
+            if kw["kind"] == "ekfac"
+            else curvlinops.KFACLinearOperator
+        )
         C = cls(
             model,
             loss,
@@ -254,9 +258,7 @@ def dense_checks(K, damping=0.1):
 @pytest.mark.parametrize("separate_bias", [True, False])
 def test_inverse_trace_logdet_diagonal_are_exact(backend, kind, separate_bias):
     model, loss_fn, data, extra = linear_case(backend, sizes=(3, 4, 3), n=9, loss="ce")
-    K = hessop.model_kfac(
-        model, loss_fn, data, kind=kind, separate_bias=separate_bias, **extra
-    )
+    K = hessop.model_kfac(model, loss_fn, data, kind=kind, separate_bias=separate_bias, **extra)
     dense_checks(K)
     assert K.kind == kind and K.fisher == "type-2" and K.weight_sharing == "expand"
 

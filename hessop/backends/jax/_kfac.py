@@ -286,7 +286,9 @@ def _describe(an: _Analysis, names: list[str], num_leaves: int) -> tuple[tuple, 
     for f in an.layers:
         if f.weight in why:
             if f.bias is not None:
-                why.setdefault(f.bias, f"the weight of its layer ({names[f.weight]}) is not supported")
+                why.setdefault(
+                    f.bias, f"the weight of its layer ({names[f.weight]}) is not supported"
+                )
             continue
         bias = f.bias if f.bias is not None and f.bias not in why else None
         layers.append(KFACLayer(names[f.weight], f.kind, f.weight, bias, f.perm, f.d_out, f.d_in))
