@@ -123,7 +123,7 @@ def agreement(name: str, batch: int) -> dict[str, float]:
     try:
         jm, jl, jdata, extra, _, _ = setup(name, "jax", "float64", batch)
         Kj = hessop.model_kfac(jm, jl, jdata, **extra)
-        JV = hessop.to_numpy(Kj @ Kj.asarray(V.numpy()))
+        JV = np.asarray(Kj @ Kj.asarray(V.numpy()))
         out["torch vs jax"] = float(np.abs(KV - JV).max() / np.abs(KV).max())
     except ImportError:
         pass
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dampings", default="1e-2,1e-3")
     ap.add_argument("--no-cg", action="store_true", help="skip the CG comparison")
+    ap.add_argument("--no-costs", action="store_true", help="skip the timings")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args(argv)
     try:
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": platform.platform(), "batch": args.batch, "costs": {}}
     heads = ("factors", "factors+eigh", "product", "inverse prod.")
     print(f"{'model':5} {'framework':9} {'gradient':>10} " + " ".join(f"{h:>20}" for h in heads))
-    for name in args.models.split(","):
+    for name in [] if args.no_costs else args.models.split(","):
         for fw in args.frameworks.split(","):
             t = costs(name, fw, args.batch, args.repeats)
             report["costs"][f"{name}/{fw}"] = t

@@ -12,6 +12,20 @@ import hessop
 from conftest import backend_params, has_framework, to_numpy
 
 
+def slow_unless(param, fast: bool) -> list:
+    """The marks of a ``backend_params()`` entry, plus ``slow`` unless ``fast``."""
+    return list(param.marks) if fast else [*param.marks, pytest.mark.slow]
+
+
+def backends(*slow_ids: str) -> list:
+    """Both backends; the ``slow_ids`` cases (e.g. ``"jax"``: JAX compiles for seconds on a
+    loaded CPU) only with ``-m slow``, where a fast case covers the same code."""
+    return [
+        pytest.param(*p.values, id=p.id, marks=slow_unless(p, p.id not in slow_ids))
+        for p in backend_params()
+    ]
+
+
 def dense(op) -> np.ndarray:
     return to_numpy(op.to_dense())
 
@@ -39,7 +53,7 @@ def ggn_and_kfac(case, backend, **kw):
 
 
 # --- where KFAC is exact ------------------------------------------------------------------
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backends("jax"))
 def test_linear_layer_with_squared_error_is_exact(backend):
     # a linear model: the loss Hessian is constant, so E[a a^T (x) H] = E[a a^T] (x) H
     K, Kd, Gd = ggn_and_kfac(
@@ -54,7 +68,9 @@ def test_linear_layer_with_squared_error_is_exact(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("pool", [False, True], ids=["expand", "reduce"])
+@pytest.mark.parametrize(
+    "pool", [pytest.param(False, marks=pytest.mark.slow), True], ids=["expand", "reduce"]
+)
 def test_deep_linear_network_blocks_are_exact(backend, pool):
     # Eschenhagen et al. 2023: "expand" is exact for a loss at every position, "reduce" for
     # a loss after pooling over the positions, on deep linear networks
@@ -78,7 +94,7 @@ def test_convolution_with_squared_error_is_exact(backend):
     np.testing.assert_allclose(Kd, Gd, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backends("jax"))
 def test_empirical_kfac_of_one_sample_is_the_empirical_fisher(backend):
     model, loss_fn, data, extra = linear_case(backend, sizes=(3, 4, 3), n=1, loss="ce")
     K = hessop.model_kfac(model, loss_fn, data, fisher="empirical", separate_bias=False, **extra)
@@ -87,7 +103,7 @@ def test_empirical_kfac_of_one_sample_is_the_empirical_fisher(backend):
     np.testing.assert_allclose(dense(K), np.where(mask, dense(F), 0.0), rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backends("jax"))
 @pytest.mark.parametrize("fisher", ["type-2", "empirical"])
 def test_ekfac_eigenvalues_are_the_exact_diagonal_in_the_kronecker_eigenbasis(backend, fisher):
     model, loss_fn, data, extra = linear_case(backend, sizes=(3, 4, 3), n=9, loss="ce")
@@ -124,8 +140,8 @@ KFAC_OPTIONS = [
     for k, w in (("kfac", "expand"), ("kfac", "reduce"), ("ekfac", "expand"))
     for s in (True, False)
 ]
-#: the CNN's share of the fast suite: each layer kind, convention and Fisher once
-CNN_OPTIONS = [KFAC_OPTIONS[i] for i in (0, 3, 4, 7)]
+#: the CNN's share of the fast suite: each convention, bias layout and kind once
+CNN_OPTIONS = [KFAC_OPTIONS[i] for i in (3, 4)]
 
 
 @pytest.mark.parametrize(
@@ -182,9 +198,9 @@ def test_equals_curvlinops_on_weight_shared_linear_layers():
     "name, fisher",
     [
         ("mlp", "type-2"),
-        ("mlp", "empirical"),
-        ("mlp", "mc"),
-        ("cnn", "type-2"),
+        pytest.param("mlp", "empirical", marks=pytest.mark.slow),
+        pytest.param("mlp", "mc", marks=pytest.mark.slow),
+        pytest.param("cnn", "type-2", marks=pytest.mark.slow),
         pytest.param("cnn", "empirical", marks=pytest.mark.slow),
         pytest.param("cnn", "mc", marks=pytest.mark.slow),
     ],
@@ -253,9 +269,16 @@ def dense_checks(K, damping=0.1):
     np.testing.assert_allclose(float(K.logdet(damping)), logdet, rtol=1e-11)
 
 
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
-@pytest.mark.parametrize("separate_bias", [True, False])
+INVERSE_CASES = [
+    pytest.param(b.values[0], kind, sep, id=f"{b.id}-{kind}-{sep}", marks=slow_unless(b, fast))
+    for b in backend_params()
+    for kind in ("kfac", "ekfac")
+    for sep in (True, False)
+    for fast in [b.id == "torch" or (kind == "ekfac" and not sep)]
+]
+
+
+@pytest.mark.parametrize("backend, kind, separate_bias", INVERSE_CASES)
 def test_inverse_trace_logdet_diagonal_are_exact(backend, kind, separate_bias):
     model, loss_fn, data, extra = linear_case(backend, sizes=(3, 4, 3), n=9, loss="ce")
     K = hessop.model_kfac(model, loss_fn, data, kind=kind, separate_bias=separate_bias, **extra)

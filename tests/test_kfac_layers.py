@@ -155,7 +155,11 @@ def jax_layouts():
 
 
 @needs_jax
-@pytest.mark.parametrize("case", range(4), ids=["x@W", "einsum", "W@x", "conv-NHWC"])
+@pytest.mark.parametrize(
+    "case",
+    [0, pytest.param(1, marks=pytest.mark.slow), 2, 3],
+    ids=["x@W", "einsum", "W@x", "conv-NHWC"],
+)
 def test_jax_layer_layouts_are_exact(case):
     import jax.numpy as jnp
 
@@ -209,6 +213,7 @@ def test_jax_parameters_outside_layers():
 
 
 @needs_jax
+@pytest.mark.slow
 def test_jax_layers_inside_jitted_functions():
     import jax
 
