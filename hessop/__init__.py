@@ -22,6 +22,7 @@ from ._errors import (
     ShapeError,
     StaleOperatorError,
     UnknownOptionError,
+    UnsupportedLayerError,
 )
 from ._hessian import MODES, HessianOperator, hessian
 from ._hvp import hvp
@@ -58,6 +59,7 @@ from .jacobians import jacobian, output_hessians
 from .models._api import model_hessian, model_hvp
 from .models.fisher import FisherOperator, model_fisher
 from .models.ggn import GGNOperator, model_ggn
+from .models.kfac import KFACInverseOperator, KFACOperator, model_kfac
 from .models.layers import CurvatureByLayerResult, LayerCurvature, curvature_by_layer
 from .models.sharpness import SharpnessRecord, SharpnessTracker, plot_sharpness
 from .per_sample import per_sample_gradients, per_sample_hessians, per_sample_jacobians
@@ -110,6 +112,8 @@ __all__ = [
     "IdentityOperator",
     "JacobianOperator",
     "LayerCurvature",
+    "KFACInverseOperator",
+    "KFACOperator",
     "LinearOperator",
     "LossError",
     "NonFiniteError",
@@ -119,6 +123,7 @@ __all__ = [
     "SharpnessTracker",
     "StaleOperatorError",
     "UnknownOptionError",
+    "UnsupportedLayerError",
     "aslinearoperator",
     "available_backends",
     "curvature_by_layer",
@@ -129,5 +134,6 @@ __all__ = [
     "model_hessian",
     "model_hvp",
     "plot_sharpness",
+    "model_kfac",
     "register_backend",
 ]

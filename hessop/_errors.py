@@ -51,6 +51,10 @@ class DistributedError(HessopError, RuntimeError):
     """``distributed=True`` without a usable process group, or ranks that disagree."""
 
 
+class UnsupportedLayerError(HessopError, ValueError):
+    """A parameter belongs to no layer that Kronecker factors support (``hessop.model_kfac``)."""
+
+
 class NonFiniteError(HessopError, FloatingPointError):
     """An input, a product or a gradient holds NaN or infinity, so no result can be trusted."""
 

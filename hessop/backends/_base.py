@@ -8,7 +8,9 @@ a framework only through the three classes here:
 * :class:`CurvatureKernel` — the products of one curvature matrix (a Hessian in one AD
   mode, a GGN) of one loss, on one batch at a time;
 * :class:`Transforms` — ``grad`` / ``jvp`` / ``vjp`` / ``vmap`` / Jacobians, for the functional
-  helpers (:func:`hessop.hvp`, per-sample quantities, Jacobians, the empirical Fisher).
+  helpers (:func:`hessop.hvp`, per-sample quantities, Jacobians, the empirical Fisher);
+* :class:`LayerCapture` — the inputs and output gradients of a model's linear and
+  convolution layers, from which :func:`hessop.model_kfac` builds Kronecker factors.
 
 Adding a framework means subclassing these in a sub-package of ``hessop.backends`` and
 registering it (:func:`hessop.backends.register_backend`); see ``docs/architecture.md``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -213,6 +216,17 @@ class Backend:
     def ggn_kernel(self, model: Any, loss: Any, options: KernelOptions) -> CurvatureKernel:
         """The generalized Gauss-Newton :class:`CurvatureKernel` of a model adapter."""
         raise NotImplementedError(f"the {self.name!r} backend has no GGN product")
+
+    def kfac_capture(self, model: Any, spec: Any, example: tuple[Any, Any]) -> LayerCapture:
+        """The :class:`LayerCapture` of a model adapter whose parameter leaves have the layout
+        ``spec``, its layers found on the batch ``example`` ``(x, y)``."""
+        raise NotImplementedError(f"the {self.name!r} backend has no Kronecker factors")
+
+    def loss_likelihood(self, loss_fn: Any) -> str | None:
+        """The distribution whose negative log-likelihood ``loss_fn`` is, when the framework
+        can tell (a torch loss module): ``"categorical"``, ``"gaussian"``, ``"bernoulli"``;
+        None otherwise."""
+        return None
 
     def __repr__(self) -> str:
         return f"<hessop backend {self.name!r}>"
@@ -414,3 +428,70 @@ class Transforms:
         when there is none): a missing forward-mode rule, a Python value taken from a traced
         array (``.item()``)."""
         return err
+
+
+@dataclasses.dataclass(frozen=True)
+class KFACLayer:
+    """A layer ``out = W a (+ b)`` whose weight is a parameter leaf, as KFAC sees it.
+
+    The weight leaf, with its axes permuted by ``perm`` and reshaped, is the
+    ``(d_out, d_in)`` matrix ``W``; the layer's input, reshaped to ``(samples, positions,
+    d_in)``, is ``a`` (for a convolution: the patches its kernel sees, channel-major); its
+    output gradient has shape ``(samples, positions, d_out)``. ``positions`` are the
+    weight-sharing dimensions (1 for a plain linear layer on vectors).
+    """
+
+    #: a human-readable name (the module's, or the weight leaf's path)
+    name: str
+    #: ``"linear"`` or ``"conv"``
+    kind: str
+    #: index of the weight leaf (None: only the bias is differentiated)
+    weight: int | None
+    #: index of the bias leaf (None: no bias, or not differentiated)
+    bias: int | None
+    #: the weight leaf's axes in ``(out axes..., in axes...)`` order
+    perm: tuple[int, ...]
+    d_out: int
+    d_in: int
+
+
+def layer_name(param: str) -> str:
+    """The name of the layer that owns a parameter, from the parameter's name or pytree path:
+    ``"layers.0.weight"`` and ``"['layers.0.weight']"`` -> ``"layers.0"`` (torch's module name),
+    ``"['Dense_0']['kernel']"`` -> ``"Dense_0"``, ``"['W1']"`` -> ``"W1"``.
+
+    >>> layer_name("['Dense_0']['kernel']"), layer_name("head.bias")
+    ('Dense_0', 'head')
+    """
+    keys = [k or i for k, i in re.findall(r"\['(.*?)'\]|\[(\d+)\]", param)] or [param]
+    name = ".".join(keys)
+    head, _, last = name.rpartition(".")
+    return head if head and last in ("weight", "bias", "kernel") else name
+
+
+class LayerCapture:
+    """The inputs and output gradients of a model's layers, one batch at a time.
+
+    Built by :meth:`Backend.kfac_capture`. ``layers`` lists the layers found (in the order
+    the model calls them), ``unsupported`` maps the index of every other parameter leaf to
+    the reason it belongs to no supported layer.
+    """
+
+    layers: tuple[KFACLayer, ...] = ()
+    unsupported: dict[int, str] = {}
+
+    def run(
+        self, fn: Callable[..., Any], point: tuple[Any, ...], args: tuple[Any, Any], *extra: Any
+    ) -> Any:
+        """``fn(out, args, inputs, pullback, *extra)`` for one batch ``args = (x, y)``.
+
+        ``out`` is the model's output at ``point`` (no gradient attached), ``inputs`` a tuple
+        with one ``(n, positions, d_in)`` array per layer (None for a layer whose weight is
+        not differentiated), and ``pullback(V)`` maps ``k`` output cotangents ``V`` of shape
+        ``(k, *out.shape)`` to one ``(k, n, positions, d_out)`` array per layer: the
+        gradients of ``<out, V[j]>`` with respect to the layers' outputs. ``fn`` is written
+        with the array API and the backend's :class:`Transforms`; a backend may compile the
+        whole call (JAX does), so ``fn`` must be a pure function of its arguments and the
+        same object across calls.
+        """
+        raise NotImplementedError

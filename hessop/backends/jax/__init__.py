@@ -1,7 +1,8 @@
 """The JAX backend: arrays, and derivatives by jax.jvp / jax.grad / jax.linearize, jitted.
 
 The pieces: :mod:`._kernel` (Hessian products in every mode), :mod:`._transforms` (function
-transforms for the functional helpers), :mod:`._ggn` (Gauss-Newton products),
+transforms for the functional helpers), :mod:`._ggn` (Gauss-Newton products), :mod:`._kfac`
+(the layers of a traced model, for Kronecker factors),
 :mod:`._distributed` (batches sharded over a device mesh) and :mod:`._dependence` (data
 flow in a jaxpr). JAX arrays are immutable, and JAX has no global random generator: the
 state hooks of :class:`~hessop.backends._base.Backend` keep their defaults. float64 needs
@@ -155,6 +156,11 @@ class JaxBackend(Backend):
         from ._ggn import JaxGGNKernel
 
         return JaxGGNKernel(model, loss, options)
+
+    def kfac_capture(self, model: Any, spec: Any, example: Any) -> Any:
+        from ._kfac import JaxLayerCapture
+
+        return JaxLayerCapture(model, spec, example)
 
 
 def _committed(x: Any, device: Any) -> Any:

@@ -4,7 +4,8 @@ and torch.func.
 The pieces: :mod:`._context` (the settings every computation runs under, thread-safe),
 :mod:`._kernel` (Hessian products in every mode), :mod:`._compile` (``compile=True``),
 :mod:`._transforms` (function transforms for the functional helpers), :mod:`._module`
-(``nn.Module`` models), :mod:`._ggn` (Gauss-Newton products), :mod:`._distributed`
+(``nn.Module`` models), :mod:`._ggn` (Gauss-Newton products), :mod:`._kfac` (layer
+inputs and output gradients for Kronecker factors), :mod:`._distributed`
 (``torch.distributed`` reduction) and :mod:`._norms` (normalization layers in elementary
 ops, where torch.func's second-order rules are wrong).
 """
@@ -233,6 +234,22 @@ class TorchBackend(Backend):
         from ._ggn import TorchGGNKernel
 
         return TorchGGNKernel(model, loss, options)
+
+    def kfac_capture(self, model: Any, spec: Any, example: Any) -> Any:
+        from ._kfac import TorchLayerCapture
+
+        return TorchLayerCapture(model, spec, example)
+
+    def loss_likelihood(self, loss_fn: Any) -> str | None:
+        nn, F = torch.nn, torch.nn.functional
+        for cls, fn, name in (
+            (nn.CrossEntropyLoss, F.cross_entropy, "categorical"),
+            (nn.MSELoss, F.mse_loss, "gaussian"),
+            (nn.BCEWithLogitsLoss, F.binary_cross_entropy_with_logits, "bernoulli"),
+        ):
+            if isinstance(loss_fn, cls) or loss_fn is fn:
+                return name
+        return None
 
 
 def _differentiated(t: Any) -> bool:
