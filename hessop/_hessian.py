@@ -9,6 +9,7 @@ central differences of two gradients.
 
 from __future__ import annotations
 
+import numbers
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,6 +20,7 @@ from . import _checks, _pytree
 from ._errors import DTypeError, EmptyDataError, ShapeError, unknown
 from ._inputs import convert_arg
 from ._loss import Loss
+from ._operator import native_dtype
 from ._sharing import ShareKey
 from ._state import StateWatch
 from ._streamed import REDUCTIONS, Batches, StreamedOperator
@@ -150,6 +152,11 @@ def build_hessian(
         mode = backend.auto_compiled_mode if compile else backend.auto_mode
     if compile:
         _check_compile(backend, mode, differentiable)
+        if loss.seed is not None:
+            raise ValueError(
+                "compile=True cannot be combined with allow_randomness: a compiled product "
+                "does not re-seed the generators per call; pass compile=False"
+            )
     # A kept graph would be shared by every differentiable product, and the caller's first
     # backward through one of them would free it under the others.
     default_cache = not batches.streamed and not differentiable
@@ -450,8 +457,19 @@ def place(bk: Backend, leaves: list[Any], device: Any, dtype: Any) -> tuple[Any,
         dev = bk.device_of(natives[0]) if natives else bk.default_device()
     for i, x in enumerate(leaves):
         if not hasattr(x, "dtype"):
+            if isinstance(x, bool) or not isinstance(x, numbers.Real):
+                raise DTypeError(
+                    f"parameter leaf {i} is a Python {type(x).__name__}, not an array; the "
+                    "parameters must be floating point arrays (or real numbers)"
+                )
             continue
         name = infer_backend(x)
+        if name not in (None, "numpy", bk.name):
+            # as for the arguments (hessop._inputs): no silent copy across frameworks
+            raise TypeError(
+                f"parameter leaf {i} is a {name} array but the operator uses {bk.name}; pass "
+                f"{bk.name} or numpy arrays, or backend={name!r}"
+            )
         bk_x = get_backend(name) if name else bk
         bk_x.check_floating(x.dtype, f"parameter leaf {i}")
         if device is None and bk.owns(x):
@@ -462,9 +480,7 @@ def place(bk: Backend, leaves: list[Any], device: Any, dtype: Any) -> tuple[Any,
             "differentiate; pass the parameters the loss depends on"
         )
     if dtype is not None:
-        native = bk.dtype(dtype)
-        bk.check_floating(native, "dtype=")
-        return dev, native
+        return dev, native_dtype(bk, dtype, "dtype=")
     names = {str(getattr(x, "dtype", "float64")).replace("torch.", "") for x in leaves}
     if len(names) > 1:
         raise DTypeError(

@@ -22,7 +22,8 @@ from typing import Any
 
 from .. import _rng
 from .._errors import EmptyDataError
-from .._pytree import is_array, map_arrays, tree_map
+from .._pytree import collect_arrays, is_array, map_arrays, tree_map
+from ..backends import infer_backend
 
 
 def is_single_batch(data: Any) -> bool:
@@ -106,6 +107,13 @@ def converter(bk: Any, dtype: Any, device: Any) -> Callable[[Any], Any]:
     """
 
     def one(x: Any) -> Any:
+        name = infer_backend(x)
+        if name not in (None, "numpy", bk.name):  # as hessop._inputs: no silent copies
+            raise TypeError(
+                f"an array of the batch is a {name} array but the operator uses {bk.name}; "
+                f"pass {bk.name} or numpy arrays (for a torch DataLoader feeding JAX, "
+                "convert each batch to numpy)"
+            )
         floating = bk.is_floating(x.dtype) if hasattr(x, "dtype") else False
         return bk.asarray(x, dtype=dtype if floating else None, device=device)
 
@@ -113,6 +121,19 @@ def converter(bk: Any, dtype: Any, device: Any) -> Callable[[Any], Any]:
         return map_arrays(one, batch)
 
     return convert
+
+
+def sample_count(batch: Any) -> int | None:
+    """The leading dimension of the first array of a batch with one (None: no such array).
+
+    >>> import numpy as np
+    >>> sample_count((np.zeros((0, 3)), np.zeros(0))), sample_count((np.float64(1.0), 2))
+    (0, None)
+    """
+    for a in collect_arrays(batch):
+        if len(a.shape) >= 1:
+            return int(a.shape[0])
+    return None
 
 
 def batch_axes(args: Any, n: int) -> Any:

@@ -96,6 +96,11 @@ class JaxBackend(Backend):
                     f"{have}); use one of jax.devices(), or install jax with GPU support"
                 )
             return found[i]
+        if not isinstance(device, (jax.Device, jax.sharding.Sharding)):
+            raise DeviceError(
+                f"device={device!r} is not a JAX device: pass a name ('cpu', 'gpu', 'gpu:1') "
+                "or one of jax.devices()"
+            )
         return device
 
     def dtype(self, dtype: Any) -> Any:
