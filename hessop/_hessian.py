@@ -347,6 +347,8 @@ def hessian(
     # tensors are not (the operator watches them instead).
     leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
     leaves = [bk.stop_gradient(bk.asarray(x, dtype=native_dtype, device=dev)) for x in leaves]
+    for i, x in enumerate(leaves):
+        bk.check_argument(x, f"parameter leaf {i}")
     for x in _pytree.collect_arrays(args):  # fail here, not deep inside the first product
         if bk.owns(x):
             bk.check_device(x, dev, "an argument of the loss")
@@ -411,7 +413,9 @@ def make_batches(
     def convert(batch_args: tuple[Any, ...]) -> tuple[Any, ...]:
         if reducer is not None:
             batch_args = reducer.shard_batch(batch_args, dtype)
-        return tuple(_pytree.map_arrays(lambda x: convert_arg(bk, x, dtype, device), batch_args))
+        out = tuple(_pytree.map_arrays(lambda x: convert_arg(bk, x, dtype, device), batch_args))
+        _pytree.tree_map(lambda x: bk.check_argument(x, "an argument of the loss"), out)
+        return out
 
     batches = Batches(
         convert(args) if data is None else None,

@@ -114,6 +114,7 @@ def converter(bk: Any, dtype: Any, device: Any) -> Callable[[Any], Any]:
                 f"pass {bk.name} or numpy arrays (for a torch DataLoader feeding JAX, "
                 "convert each batch to numpy)"
             )
+        bk.check_argument(x, "an array of the batch")
         floating = bk.is_floating(x.dtype) if hasattr(x, "dtype") else False
         return bk.asarray(x, dtype=dtype if floating else None, device=device)
 

@@ -10,6 +10,7 @@ state hooks of :class:`~hessop.backends._base.Backend` keep their defaults. floa
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -64,6 +65,15 @@ class JaxBackend(Backend):
             return x.device
         except (AttributeError, ValueError):  # sharded over several devices
             return None
+
+    def check_argument(self, x: Any, what: str) -> None:
+        # The loss is compiled with its arguments as inputs: every leaf must be an array.
+        if not isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number, type(None))):
+            raise TypeError(
+                f"{what} is a {type(x).__name__}; JAX compiles the loss with its arguments as "
+                "arrays, so they must be arrays or numbers: bind other values in a closure "
+                "(functools.partial(f, value=...))"
+            )
 
     def check_device(self, x: Any, device: Any, what: str) -> None:
         # A data-parallel operator lives on a replicated sharding (hessop.distributed); an
