@@ -40,7 +40,7 @@ class Case:
 
     id: str
     call: Callable[[str], Any]
-    raises: type[BaseException] | None = None
+    raises: type[BaseException] | tuple[type[BaseException], ...] | None = None
     match: str = ""
     check: Callable[[Any, str], None] | None = None
     backends: tuple[str, ...] = BOTH
@@ -50,7 +50,8 @@ class Case:
         if (self.raises is None) == (self.check is None):
             raise AssertionError(f"{self.id}: give raises= or check=, not both")
         if self.raises is not None:
-            if not issubclass(self.raises, ALLOWED):
+            classes = self.raises if isinstance(self.raises, tuple) else (self.raises,)
+            if not all(issubclass(c, ALLOWED) for c in classes):
                 raise AssertionError(f"{self.id}: {self.raises} is outside the contract")
             if len(self.match) < 6:
                 raise AssertionError(f"{self.id}: the expected message must name the cause")
@@ -64,9 +65,9 @@ def ok(id: str, call: Callable[[str], Any], check: Callable[[Any, str], None], *
     return Case(id, call, check=check, **kw)
 
 
-def only(backends: tuple[str, ...], *cases: Case) -> list[Case]:
-    """``cases`` restricted to ``backends``."""
-    return [dataclasses.replace(c, backends=backends) for c in cases]
+def only(backends: tuple[str, ...], *cases: Case, **changes: Any) -> list[Case]:
+    """``cases`` restricted to ``backends`` (and with ``changes``)."""
+    return [dataclasses.replace(c, backends=backends, **changes) for c in cases]
 
 
 def _available(backend: str) -> bool:
