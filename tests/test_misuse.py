@@ -1551,7 +1551,6 @@ FUNCTIONAL = [
     ok("psh", lambda b: psh(b, nat(b, XB), nat(b, 2.0)), close(PSH_REF)),
     ok(
         "psh-chunked-mapped",
-    "psh-numpy-with-backend",
         lambda b: psh(b, nat(b, XB), nat(b, np.array([1.0, 2.0, 3.0])), chunk_size=2),
         close(PSH_REF * np.array([0.5, 1.0, 1.5])[:, None, None]),
     ),
