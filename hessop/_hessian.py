@@ -95,14 +95,15 @@ class HessianOperator(StreamedOperator):
 
     def _product(self, args: tuple[Any, ...], V: Any) -> Any:
         if self.mode == "dense":
-            return self._dense_matrix(args) @ V
+            return self._dense_matrix(args, keep=not self._bk.is_tracer(V)) @ V
         if self.mode == "finite-difference":
             return self._finite_difference(args, V)
         return super()._product(args, V)
 
-    def _dense_matrix(self, args: tuple[Any, ...]) -> Any:
-        if self.batches.streamed or self.differentiable:
-            return self._kernel.dense(self._point, args)  # never keep one matrix per batch
+    def _dense_matrix(self, args: tuple[Any, ...], keep: bool = True) -> Any:
+        if self._dense is None and (self.batches.streamed or self.differentiable or not keep):
+            # never one matrix per batch, nor one holding a JAX transformation's tracers
+            return self._kernel.dense(self._point, args)
         with self._dense_lock:
             if self._dense is None:
                 self._dense = self._kernel.dense(self._point, args)
@@ -114,14 +115,12 @@ class HessianOperator(StreamedOperator):
             return xp.stack(
                 [self._finite_difference(args, V[:, j]) for j in range(V.shape[1])], axis=1
             )
-        vnorm = float(self.to_numpy(xp.linalg.vector_norm(V)))
-        if vnorm == 0.0:
-            return xp.zeros_like(V)
         w = _pytree.ravel(xp, self.spec, list(self._point))
         # Central differences: error O(h^2) from truncation vs O(eps/h) from rounding; the
-        # balance is at h ~ eps^(1/3), scaled to the size of the point.
-        wnorm = float(self.to_numpy(xp.linalg.vector_norm(w)))
-        h = self.eps ** (1 / 3) * max(1.0, wnorm) / vnorm
+        # balance is at h ~ eps^(1/3), scaled to the size of the point. Computed as arrays,
+        # not host numbers: no device sync, and it runs under a JAX transformation.
+        vnorm, wnorm = xp.linalg.vector_norm(V), xp.linalg.vector_norm(w)
+        h = self.eps ** (1 / 3) * xp.where(wnorm > 1, wnorm, 1.0) / xp.where(vnorm > 0, vnorm, 1.0)
 
         def grad_at(x: Any) -> Any:
             return self._kernel.gradient(tuple(_pytree.unravel(xp, self.spec, x)), args)[1]

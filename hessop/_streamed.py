@@ -175,6 +175,8 @@ class StreamedOperator(LinearOperator):
         lin = self._linearization
         if lin is not None:
             return self._kernel.apply(lin, V)
+        if self._bk.is_tracer(V):  # under a JAX transformation the cache would keep tracers
+            return self._kernel.product(self._point, args, V)
         with self._lock:
             first = self._count == 0
             self._count += 1

@@ -552,13 +552,25 @@ def inference_tensor(x):
 def jitted_product(b):
     import jax
 
-    return jax.jit(lambda v: quad_op(b) @ v)(nat(b, V3))
+    H = quad_op(b)  # built outside: a cached operator must not be built in a trace
+    return jax.jit(lambda v: H @ v)(nat(b, V3))
+
+
+def jit_before_any_product(b, mode):
+    """A fresh operator's first two products under jax.jit (no cache may keep the
+    tracers), then products outside."""
+    import jax
+
+    H = make(b, mode=mode)
+    inside = jax.jit(lambda v: H @ (H @ v))(nat(b, V3))
+    return np.stack([to_numpy(inside), to_numpy(H @ nat(b, V3)), to_numpy(H @ nat(b, V3))])
 
 
 def vmapped_product(b):
     import jax
 
-    return jax.vmap(lambda v: quad_op(b) @ v, in_axes=1, out_axes=1)(nat(b, M32))
+    H = quad_op(b)
+    return jax.vmap(lambda v: H @ v, in_axes=1, out_axes=1)(nat(b, M32))
 
 
 def strided(b):
@@ -638,10 +650,11 @@ LEGAL = [
     ),
     ok(
         "args-python-objects",
-        lambda b: hessian_dense(
-            b, lambda w, c, s: c[0] * s * quad(w, nat(b, A3)), nat(b, W3), [2.0], 0.25
+        lambda b: (
+            hessop.hessian(lambda w, c, s: c[0] * s * quad(w, nat(b, A3)), nat(b, W3), [2.0], 0.25)
+            @ nat(b, V3)
         ),
-        close(0.5 * QUAD_H),
+        close(0.5 * QUAD_H @ V3),
     ),
     ok(
         "data-uneven-mean",
@@ -708,6 +721,24 @@ LEGAL += [
     ),
     ok("product-inside-jit", jitted_product, close(QUAD_H @ V3), backends=("jax",)),
     ok("product-inside-vmap", vmapped_product, close(QUAD_H @ M32), backends=("jax",)),
+    ok(
+        "jit-before-any-product-auto",
+        lambda b, m="auto": jit_before_any_product(b, m),
+        close(np.stack([QUAD_H @ QUAD_H @ V3, QUAD_H @ V3, QUAD_H @ V3]), rtol=1e-10),
+        backends=("jax",),
+    ),
+    ok(
+        "jit-before-any-product-dense",
+        lambda b, m="dense": jit_before_any_product(b, m),
+        close(np.stack([QUAD_H @ QUAD_H @ V3, QUAD_H @ V3, QUAD_H @ V3]), rtol=1e-10),
+        backends=("jax",),
+    ),
+    ok(
+        "jit-before-any-product-fd",
+        lambda b, m="fd": jit_before_any_product(b, m),
+        close(np.stack([QUAD_H @ QUAD_H @ V3, QUAD_H @ V3, QUAD_H @ V3]), rtol=1e-6),
+        backends=("jax",),
+    ),
 ]
 
 
@@ -1720,9 +1751,10 @@ REGISTRY += [
 ]
 
 #: right-number rows run in torch only: the code they exercise beyond the framework is
-#: framework-neutral (pytree layout, operator algebra, chunking), and in JAX each would
-#: compile for seconds; per-sample Hessians and hvp on pytrees are compared across the
-#: frameworks in test_per_sample.py and test_differentiable.py
+#: framework-neutral (pytree layout, data streaming, operator algebra, chunking), and in
+#: JAX each would compile for a second or more; per-sample quantities, Jacobians and hvp on
+#: pytrees are compared across the frameworks in test_per_sample.py and
+#: test_differentiable.py
 JAX_ALREADY_COVERED = {
     "python-float-params",
     "python-list-params",
@@ -1738,6 +1770,23 @@ JAX_ALREADY_COVERED = {
     "psg-int-data",
     "to-dense-chunked",
     "callable-native",
+    "psg",
+    "psg-chunked",
+    "psg-tree",
+    "jac-tall-forward",
+    "jac-wide-reverse",
+    "jac-0d-x",
+    "jac-empty-x",
+    "data-uneven-sum",
+    "data-numpy-batches",
+    "data-bare-arrays",
+    "data-dict-batches",
+    "data-custom-batch-size",
+    "gradient-over-data",
+    "unravel-ravel",
+    "tree-product-through-pytrees",
+    "strided-vector",
+    "gradient-quad-every-mode",
 }
 ALL = HESSIAN + LOSSES + LEGAL + PRODUCTS + ALGEBRA + LAYOUT + CONSTRUCTORS + FUNCTIONAL + REGISTRY
 CASES = [only(("torch",), c)[0] if c.id in JAX_ALREADY_COVERED else c for c in ALL]
