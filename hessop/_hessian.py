@@ -18,13 +18,13 @@ import numpy as np
 
 from . import _checks, _pytree
 from ._errors import DTypeError, EmptyDataError, ShapeError, unknown
-from ._inputs import convert_arg
+from ._inputs import check_framework, convert_arg
 from ._loss import Loss
 from ._operator import native_dtype
 from ._sharing import ShareKey
 from ._state import StateWatch
 from ._streamed import REDUCTIONS, Batches, StreamedOperator
-from .backends import Backend, get_backend, infer_backend, resolve_backend
+from .backends import Backend, get_backend, resolve_backend
 from .backends._base import KernelOptions
 
 #: canonical mode names, in the order they are documented
@@ -466,13 +466,7 @@ def place(bk: Backend, leaves: list[Any], device: Any, dtype: Any) -> tuple[Any,
                     "parameters must be floating point arrays (or real numbers)"
                 )
             continue
-        name = infer_backend(x)
-        if name not in (None, "numpy", bk.name):
-            # as for the arguments (hessop._inputs): no silent copy across frameworks
-            raise TypeError(
-                f"parameter leaf {i} is a {name} array but the operator uses {bk.name}; pass "
-                f"{bk.name} or numpy arrays, or backend={name!r}"
-            )
+        name = check_framework(bk, x, f"parameter leaf {i}")
         bk_x = get_backend(name) if name else bk
         bk_x.check_floating(x.dtype, f"parameter leaf {i}")
         if device is None and bk.owns(x):

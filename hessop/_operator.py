@@ -204,18 +204,18 @@ class LinearOperator:
 
     def __add__(self, other: Any) -> LinearOperator:
         if not isinstance(other, LinearOperator):
-            return _no_scalar_sum(other, "+")
+            return _no_scalar_sum(other, "for A + c*I use A.damped(c)")
         return SumOperator(self, other)
 
     __radd__ = __add__
 
     def __sub__(self, other: Any) -> LinearOperator:
         if not isinstance(other, LinearOperator):
-            return _no_scalar_sum(other, "-")
+            return _no_scalar_sum(other, "for A - c*I use A.damped(-c)")
         return SumOperator(self, ScaledOperator(other, -1.0))
 
     def __rsub__(self, other: Any) -> LinearOperator:
-        return _no_scalar_sum(other, "-")
+        return _no_scalar_sum(other, "for c*I - A use (-A).damped(c)")
 
     def __neg__(self) -> LinearOperator:
         return ScaledOperator(self, -1.0)
@@ -353,13 +353,10 @@ def _is_scalar(x: Any) -> bool:
     return isinstance(x, numbers.Real) or (getattr(x, "shape", None) == () and hasattr(x, "dtype"))
 
 
-def _no_scalar_sum(other: Any, op: str) -> Any:
+def _no_scalar_sum(other: Any, fix: str) -> Any:
     if not _is_scalar(other):
         return NotImplemented
-    raise TypeError(
-        f"cannot compute operator {op} number: a number is not an operator; for A {op} c*I "
-        f"use A.damped({'' if op == '+' else '-'}c)"
-    )
+    raise TypeError(f"cannot add a number to an operator (a number is not an operator); {fix}")
 
 
 def _check_shape(shape: Any) -> tuple[int, int]:

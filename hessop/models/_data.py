@@ -22,8 +22,8 @@ from typing import Any
 
 from .. import _rng
 from .._errors import EmptyDataError
+from .._inputs import BATCH_HINT, check_framework
 from .._pytree import collect_arrays, is_array, map_arrays, tree_map
-from ..backends import infer_backend
 
 
 def is_single_batch(data: Any) -> bool:
@@ -107,13 +107,7 @@ def converter(bk: Any, dtype: Any, device: Any) -> Callable[[Any], Any]:
     """
 
     def one(x: Any) -> Any:
-        name = infer_backend(x)
-        if name not in (None, "numpy", bk.name):  # as hessop._inputs: no silent copies
-            raise TypeError(
-                f"an array of the batch is a {name} array but the operator uses {bk.name}; "
-                f"pass {bk.name} or numpy arrays (for a torch DataLoader feeding JAX, "
-                "convert each batch to numpy)"
-            )
+        check_framework(bk, x, "an array of the batch", BATCH_HINT)
         bk.check_argument(x, "an array of the batch")
         floating = bk.is_floating(x.dtype) if hasattr(x, "dtype") else False
         return bk.asarray(x, dtype=dtype if floating else None, device=device)
