@@ -1,6 +1,6 @@
 """Reproduce the figures of benchmarks/README.md.
 
-    python benchmarks/run.py                 # the default `hessop bench` (about 3 minutes)
+    python benchmarks/run.py                 # the default `hessop bench` (3 min on idle cores)
     python benchmarks/run.py --reference     # the issue's reference batch sizes, k = 16
     python benchmarks/run.py --peers         # also curvlinops, PyHessian, hessian-eigenthings
     python benchmarks/run.py --compile       # also hessian(..., compile=True)

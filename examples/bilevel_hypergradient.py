@@ -82,7 +82,17 @@ def outer_numpy(w, X, s) -> float:
     return float(np.mean(np.logaddexp(0.0, -s * (X @ w))))
 
 
+def require(framework: str) -> None:
+    """Exit with the install command (not a bare ModuleNotFoundError) if it is missing."""
+    if framework not in hessop.available_backends(installed=True):
+        sys.exit(
+            f"this example needs {framework}, which is not installed; from the repository "
+            f'root: pip install -c constraints.txt -e ".[{framework}]"'
+        )
+
+
 def main(backend: str = "torch") -> float:
+    require(backend)
     if backend == "jax":
         import jax
 

@@ -10,6 +10,7 @@ Run: ``python examples/custom_solver.py [--backend torch|jax]``
 from __future__ import annotations
 
 import argparse
+import sys
 
 import array_api_compat
 import numpy as np
@@ -43,7 +44,17 @@ def conjugate_gradient(A, b, tol=1e-10, maxiter=200):
     return x
 
 
+def require(framework: str) -> None:
+    """Exit with the install command (not a bare ModuleNotFoundError) if it is missing."""
+    if framework not in hessop.available_backends(installed=True):
+        sys.exit(
+            f"this example needs {framework}, which is not installed; from the repository "
+            f'root: pip install -c constraints.txt -e ".[{framework}]"'
+        )
+
+
 def main(backend: str = "torch") -> float:
+    require(backend)
     if backend == "jax":
         import jax
 

@@ -14,17 +14,21 @@ On two machines with 4 GPUs each (NCCL), run on each machine::
 
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST_OF_NODE_0:29500 examples/distributed_eigsh.py
+
+Started without torchrun (``python examples/distributed_eigsh.py``), it prints the command
+above and exits with status 2.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 import hessop
+
+TORCHRUN = "torchrun --nproc_per_node=2 examples/distributed_eigsh.py"
 
 
 def make_data(n: int = 1000, d_in: int = 10, classes: int = 3) -> tuple[np.ndarray, ...]:
@@ -40,7 +44,37 @@ def batches(X: np.ndarray, y: np.ndarray, size: int) -> list[tuple[np.ndarray, n
     return [(X[i : i + size], y[i : i + size]) for i in range(0, len(X), size)]
 
 
+def require(framework: str) -> None:
+    """Exit with the install command (not a bare ModuleNotFoundError) if it is missing."""
+    if framework not in hessop.available_backends(installed=True):
+        sys.exit(
+            f"this example needs {framework}, which is not installed; from the repository "
+            f'root: pip install -c constraints.txt -e ".[{framework}]"'
+        )
+
+
+def check_launch() -> None:
+    """Exit with code 2 and the torchrun command when not started by torchrun.
+
+    torchrun sets RANK and WORLD_SIZE (with MASTER_ADDR/PORT) for every process; without
+    them ``init_process_group`` would fail with a rendezvous error that says none of this.
+    """
+    missing = [v for v in ("RANK", "WORLD_SIZE") if v not in os.environ]
+    if missing:
+        print(
+            f"this example runs one process per rank, started by torchrun ({', '.join(missing)} "
+            f"not set); from the repository root run:\n    {TORCHRUN}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def main() -> np.ndarray:
+    require("torch")
+    check_launch()
+    import torch
+    import torch.distributed as dist
+
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

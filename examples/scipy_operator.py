@@ -10,6 +10,7 @@ Run: ``python examples/scipy_operator.py [--backend torch|jax]``
 from __future__ import annotations
 
 import argparse
+import sys
 
 import array_api_compat
 import numpy as np
@@ -25,7 +26,17 @@ def loss(w, X, y):
     return xp.mean(xp.log(1 + xp.exp(-z)) + (1 - y) * z) + 0.05 * xp.sum(w * w)
 
 
+def require(framework: str) -> None:
+    """Exit with the install command (not a bare ModuleNotFoundError) if it is missing."""
+    if framework not in hessop.available_backends(installed=True):
+        sys.exit(
+            f"this example needs {framework}, which is not installed; from the repository "
+            f'root: pip install -c constraints.txt -e ".[{framework}]"'
+        )
+
+
 def main(backend: str = "torch") -> dict[str, np.ndarray]:
+    require(backend)
     if backend == "jax":
         import jax
 

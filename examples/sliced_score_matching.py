@@ -25,6 +25,7 @@ Run: ``python examples/sliced_score_matching.py [--backend torch|jax] [--steps 3
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import array_api_compat
@@ -137,6 +138,15 @@ def train_jax(theta0, data, probes, held_out, steps, lr, log):
     return losses
 
 
+def require(framework: str) -> None:
+    """Exit with the install command (not a bare ModuleNotFoundError) if it is missing."""
+    if framework not in hessop.available_backends(installed=True):
+        sys.exit(
+            f"this example needs {framework}, which is not installed; from the repository "
+            f'root: pip install -c constraints.txt -e ".[{framework}]"'
+        )
+
+
 def main(
     backend: str = "torch",
     steps: int = 300,
@@ -146,6 +156,7 @@ def main(
     verbose: bool = True,
 ) -> dict:
     """Train and return the loss curve and the score error before and after."""
+    require(backend)
     if backend == "jax":
         import jax
 

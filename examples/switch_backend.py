@@ -9,6 +9,8 @@ Run: ``python examples/switch_backend.py``
 
 from __future__ import annotations
 
+import sys
+
 import array_api_compat
 import numpy as np
 
@@ -24,7 +26,18 @@ def loss(params, X, y):
     return xp.mean((pred - y) ** 2)
 
 
+def require(framework: str) -> None:
+    """Exit with the install command (not a bare ModuleNotFoundError) if it is missing."""
+    if framework not in hessop.available_backends(installed=True):
+        sys.exit(
+            f"this example needs {framework}, which is not installed; from the repository "
+            f'root: pip install -c constraints.txt -e ".[{framework}]"'
+        )
+
+
 def main() -> float:
+    require("torch")
+    require("jax")
     import jax
 
     jax.config.update("jax_enable_x64", True)

@@ -9,6 +9,7 @@ central differences of two gradients.
 
 from __future__ import annotations
 
+import math
 import numbers
 import threading
 from collections.abc import Callable, Iterable
@@ -163,6 +164,7 @@ def build_hessian(
     share, prefix = None, (loss.key, loss.spec, mode, loss.seed)
     if watch.shareable and not any(backend.is_tracer(x) for x in leaves):
         share = ShareKey((*prefix, watch.key()), watch.kept())
+        loss.skip_checks_if_seen(ShareKey((loss.key, loss.spec, loss.seed, watch.key())))
     options = KernelOptions(device, differentiable, compile, cache, chunk_size, share)
     kernel = backend.hessian_kernel(loss, mode, options)
     H = HessianOperator(
@@ -179,7 +181,7 @@ def build_hessian(
         mode=mode,
         differentiable=differentiable,
     )
-    H.share, H.share_prefix = share, prefix
+    H._share, H._share_prefix = share, prefix
     if compile:
         first = batches.first()
         # no local batch (distributed): compiled at the first product
@@ -187,7 +189,7 @@ def build_hessian(
         if first is not None and H.cache:
             # The operator's own linearization, with the compiled functions: every product
             # of this operator is then an application of it.
-            H._count = 1
+            H._products = 1
             H._linearization = kernel.linearize(H._point, first, H.zeros((H.shape[0],)))[1]
     return H
 
@@ -458,6 +460,8 @@ def place(bk: Backend, leaves: list[Any], device: Any, dtype: Any) -> tuple[Any,
     if dev is None:
         natives = [x for x in leaves if bk.owns(x)]
         dev = bk.device_of(natives[0]) if natives else bk.default_device()
+    dtypes: dict[Any, str] = {}  # each distinct dtype once: its name, checked floating
+    empty = True
     for i, x in enumerate(leaves):
         if not hasattr(x, "dtype"):
             if isinstance(x, bool) or not isinstance(x, numbers.Real):
@@ -465,20 +469,25 @@ def place(bk: Backend, leaves: list[Any], device: Any, dtype: Any) -> tuple[Any,
                     f"parameter leaf {i} is a Python {type(x).__name__}, not an array; the "
                     "parameters must be floating point arrays (or real numbers)"
                 )
+            empty = False  # a Python number
             continue
-        name = check_framework(bk, x, f"parameter leaf {i}")
-        bk_x = get_backend(name) if name else bk
-        bk_x.check_floating(x.dtype, f"parameter leaf {i}")
-        if device is None and bk.owns(x):
+        empty = empty and math.prod(x.shape) == 0
+        native = bk.owns(x)
+        name = bk.name if native else check_framework(bk, x, f"parameter leaf {i}")
+        if x.dtype not in dtypes:
+            bk_x = bk if native else get_backend(name or bk.name)
+            bk_x.check_floating(x.dtype, f"parameter leaf {i}")
+            dtypes[x.dtype] = bk_x.dtype_name(x.dtype)
+        if device is None and native:
             bk.check_device(x, dev, f"parameter leaf {i}")
-    if sum(int(np.prod(getattr(x, "shape", ()))) for x in leaves) == 0:
+    if empty:
         raise ShapeError(
             "the parameters have no entries (every leaf has size 0), so there is nothing to "
             "differentiate; pass the parameters the loss depends on"
         )
     if dtype is not None:
         return dev, native_dtype(bk, dtype, "dtype=")
-    names = {str(getattr(x, "dtype", "float64")).replace("torch.", "") for x in leaves}
+    names = set(dtypes.values()) or {"float64"}  # Python floats as leaves
     if len(names) > 1:
         raise DTypeError(
             f"the parameter leaves have different dtypes {sorted(names)}; pass dtype= to choose one"

@@ -17,11 +17,15 @@ from typing import Any
 
 from . import _checks, _pytree, _rng
 from ._errors import DTypeError, LossError, RandomnessError, unknown
+from ._sharing import SharedFunctions
 
 #: values of ``allow_randomness``
 RANDOMNESS_OPTIONS = (None, "fixed-seed")
 #: evaluations checked for randomness and ``.item()``: a loss does either every time
 _CHECKED_CALLS = 2
+#: checked evaluations so far, by loss and state (see Loss.skip_checks_if_seen): a counter
+#: per key, for the few most recent keys (each key holds the objects its ids name)
+_CHECKED = SharedFunctions(maxsize=64)
 
 
 def randomness_message(what: str) -> str:
@@ -80,6 +84,15 @@ class Loss:
         self._unchecked = 0 if self.seed is not None else _CHECKED_CALLS
         #: False inside compiled code, where nothing but the function itself may run
         self.checks = True
+        self._seen_key: Any = None
+
+    def skip_checks_if_seen(self, key: Any) -> None:
+        """Operators of the same loss in the same state (``key``) check it once: the first
+        evaluations of a later one are not checked again (a Newton loop builds an operator
+        per step)."""
+        self._seen_key = key
+        if key is not None and _CHECKED.get(key, lambda: [0])[0] >= _CHECKED_CALLS:
+            self._unchecked = 0
 
     def __call__(self, leaves: Any, args: tuple[Any, ...]) -> Any:
         tree = _pytree.unflatten(self.spec, list(leaves))
@@ -88,7 +101,10 @@ class Loss:
                 return self.check_output(self.f(tree, *args))
         if self._unchecked > 0 and self.checks:
             self._unchecked -= 1
-            return self._checked_call(tree, args)
+            out = self._checked_call(tree, args)
+            if self._seen_key is not None:
+                _CHECKED.get(self._seen_key, lambda: [0])[0] += 1
+            return out
         return self.check_output(self.f(tree, *args))
 
     def _checked_call(self, tree: Any, args: tuple[Any, ...]) -> Any:

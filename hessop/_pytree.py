@@ -55,6 +55,13 @@ class TreeSpec:
     root: _Node | None  # None: the tree is a single leaf
     shapes: tuple[tuple[int, ...], ...]
 
+    def __post_init__(self) -> None:
+        # Hashed whenever compiled functions are looked up: hash the nested nodes once.
+        object.__setattr__(self, "_hash", hash((self.root, self.shapes)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
+
     @property
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.shapes)
@@ -264,8 +271,15 @@ def map_arrays(fn: Callable[[Any], Any], tree: Any) -> Any:
     return tree_map(lambda x: fn(x) if is_array(x) else x, tree)
 
 
-def collect_arrays(tree: Any) -> list[Any]:
+def collect_arrays(tree: Any, out: list[Any] | None = None) -> list[Any]:
     """The array leaves of a nested dict/list/tuple, depth-first."""
-    out: list[Any] = []
-    tree_map(lambda x: out.append(x) if is_array(x) else None, tree)
+    out = [] if out is None else out
+    if isinstance(tree, Mapping):
+        for v in tree.values():
+            collect_arrays(v, out)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            collect_arrays(v, out)
+    elif is_array(tree):
+        out.append(tree)
     return out

@@ -33,15 +33,26 @@ _BINDING_LIMIT = 4000
 _SCALARS = (bool, numbers.Number, str, bytes, type(None))
 
 
+def _backend_of(x: Any) -> Any:
+    """The backend of an array (by its type, cached: this runs before every product)."""
+    bk = _BACKEND_OF_TYPE.get(type(x), _MISSING)
+    if bk is _MISSING:
+        from .backends import get_backend, infer_backend
+
+        name = infer_backend(x)
+        bk = _BACKEND_OF_TYPE[type(x)] = None if name is None else get_backend(name)
+    return bk
+
+
+_BACKEND_OF_TYPE: dict[type, Any] = {}
+
+
 def _fingerprint_of(x: Any, memo: dict[Any, Any] | None = None) -> Any:
     """The backend's fingerprint of ``x``; ``memo`` shares it between views of the same
     memory within one check (a model's parameters are often also the point)."""
-    from .backends import get_backend, infer_backend
-
-    name = infer_backend(x)
-    if name is None:
+    bk = _backend_of(x)
+    if bk is None:
         return None
-    bk = get_backend(name)
     key = bk.memory_key(x) if memo is not None else None
     if key is None:
         return bk.fingerprint(x)
@@ -51,10 +62,8 @@ def _fingerprint_of(x: Any, memo: dict[Any, Any] | None = None) -> Any:
 
 
 def _is_tracer(x: Any) -> bool:
-    from .backends import get_backend, infer_backend
-
-    name = infer_backend(x)
-    return name is not None and get_backend(name).is_tracer(x)
+    bk = _backend_of(x)
+    return bk is not None and bk.is_tracer(x)
 
 
 class _Binding:

@@ -138,14 +138,14 @@ class StreamedOperator(LinearOperator):
         self.cache = bool(cache) and kernel.linearizable and not batches.streamed
         self.chunk_size = chunk_size
         self._linearization: Any = None  # the kernel's cache, from the second product on
-        self._count = 0
+        self._products = 0
         self._uses = 0  # streams run (products and gradients)
         self._verified = False  # whether a product or gradient proved the loss depends on p
         self._lock = threading.Lock()
         #: the key under which the kernel's compiled functions are shared (None: they are
         #: not), and the part of it that does not depend on the watched state
-        self.share: Any = None
-        self.share_prefix: tuple[Any, ...] = ()
+        self._share: Any = None
+        self._share_prefix: tuple[Any, ...] = ()
 
     # --- products -------------------------------------------------------------------------
     def _matvec(self, v: Any) -> Any:
@@ -178,8 +178,8 @@ class StreamedOperator(LinearOperator):
         if self._bk.is_tracer(V):  # under a JAX transformation the cache would keep tracers
             return self._kernel.product(self._point, args, V)
         with self._lock:
-            first = self._count == 0
-            self._count += 1
+            first = self._products == 0
+            self._products += 1
         if first and (V.ndim == 1 or V.shape[1] == 1):
             # A one-off product must not pay for the cache; a block's later columns use it.
             return self._kernel.product(self._point, args, V)
@@ -191,6 +191,12 @@ class StreamedOperator(LinearOperator):
         """After the first product (of a nonzero ``V``) or gradient: an exactly zero result
         raises when the loss does not depend on the parameters at all (a function that
         ignores them); a loss that is flat at the point passes."""
+        known = self._kernel.dependence_known(self._point, args)
+        if known is not None:
+            self._verified = True
+            if not known:
+                raise self.loss.independent_error()
+            return
         xp = self.xp
         if self._bk.is_tracer(out) or (V is not None and self._bk.is_tracer(V)):
             return  # inside a transformation: values are not known
@@ -218,7 +224,7 @@ class StreamedOperator(LinearOperator):
             acc = _scale(acc, 1.0 / total)
         self.watch.after_use()
         self._uses += 1
-        if self.share is not None and self._uses <= 2:
+        if self._share is not None and self._uses <= 2:
             self._rekey()
         return acc
 
@@ -228,10 +234,10 @@ class StreamedOperator(LinearOperator):
         compiled functions under the state it left behind, so the next operator in that
         state reuses them."""
         now = self.watch.rescanned()
-        parts = (*self.share_prefix, now.key())
-        if parts != self.share.parts:
-            self.share = ShareKey(parts, now.kept())
-            self._kernel.share_as(self.share)
+        parts = (*self._share_prefix, now.key())
+        if parts != self._share.parts:
+            self._share = ShareKey(parts, now.kept())
+            self._kernel.share_as(self._share)
 
     def _zero(self, like: Any) -> Any:
         if like is None:  # the gradient: (loss, flat gradient)

@@ -44,41 +44,11 @@ tensor([[13.3333, 17.3333],
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from ._errors import EmptyDataError
+from .backends._base import Reducer
 
 __all__ = ["Reducer", "make_reducer"]
-
-
-class Reducer:
-    """How a process's share of a product becomes the product over all the data.
-
-    :class:`~hessop.HessianOperator` calls these hooks; the defaults do nothing, which is
-    the single-process operator. A reducer for another framework or transport subclasses
-    this and implements the hooks it needs.
-    """
-
-    def prepare(self, leaves: list[Any], device: Any) -> tuple[list[Any], Any]:
-        """Once, at construction: check the setup; return the leaves and the operator's
-        device (where its vectors live)."""
-        return leaves, device
-
-    def shard_batch(self, args: tuple[Any, ...], dtype: Any) -> tuple[Any, ...]:
-        """Place one local batch where the per-batch functions expect it."""
-        return args
-
-    def replicate(self, x: Any) -> Any:
-        """Place an input vector (or block) where the per-batch functions expect it."""
-        return x
-
-    def reduce(self, acc: Any, total: int, zero: Callable[[], Any]) -> tuple[Any, float]:
-        """Combine the local size-weighted sum ``acc`` (None when this process had no
-        batch; ``zero()`` builds its zeros) and the local number of samples ``total``."""
-        if acc is None:
-            raise EmptyDataError("data= yielded no batch; pass a non-empty iterable of batches")
-        return acc, total
 
 
 def make_reducer(backend: Any, process_group: Any = None) -> Reducer:

@@ -142,3 +142,30 @@ def hessian_operator(kind: str, backend: str) -> tuple[Any, np.ndarray]:
         dense = to_numpy(H.to_dense())
         _HESSIANS[key] = (H, (dense + dense.T) / 2)
     return _HESSIANS[key]
+
+
+# --- misuse: non-finite values ----------------------------------------------------------------
+def nan_matrix(M: np.ndarray, value: float = np.nan) -> np.ndarray:
+    """``M`` with one entry made non-finite: every product with a generic vector is NaN/inf
+    in one row (and a NaN spreads from there in the algorithms' recurrences)."""
+    bad = np.array(M, dtype=np.float64)
+    bad[1, 2] = bad[2, 1] = value
+    return bad
+
+
+def poisoned(M: np.ndarray, after: int) -> Counting:
+    """A dense operator whose products turn NaN after ``after`` good columns."""
+
+    class Poisoned(Counting):
+        def _poison(self, y: Any, k: int) -> Any:
+            if self.count > after:
+                return y * np.nan
+            return y
+
+        def _matvec(self, v: Any) -> Any:
+            return self._poison(super()._matvec(v), 1)
+
+        def _matmat(self, V: Any) -> Any:
+            return self._poison(super()._matmat(V), V.shape[1])
+
+    return Poisoned(M)

@@ -188,10 +188,6 @@ def quad_op(backend: str, mode: str = "auto") -> Any:
     return hessop.hessian(quad, nat(backend, W3), nat(backend, A3), mode=mode)
 
 
-def fresh_quad(backend: str, **kw: Any) -> Any:
-    return hessop.hessian(quad, nat(backend, W3), nat(backend, A3), **kw)
-
-
 #: a nested pytree point {"W": (2, 3), "b": [(3,), ()]}; flat layout W, b[0], b[1]
 C23 = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]])
 TREE = {"W": np.array([[0.3, -0.2, 0.1], [1.0, 0.5, -0.7]]), "b": [np.array([0.2, -0.4, 1.5]), 0.8]}

@@ -32,7 +32,7 @@ SMALL = {
 
 
 def small_spec(name: str, **extra: Any) -> Any:
-    from hessop.models import reference as R
+    from hessop.bench import reference as R
 
     return R.get_reference(name, **{**SMALL[name], **extra})
 

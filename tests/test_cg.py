@@ -10,7 +10,9 @@ from algo_helpers import (
     assert_native,
     framework_params,
     hessian_operator,
+    nan_matrix,
     native,
+    poisoned,
     rng_untouched,
     with_spectrum,
 )
@@ -210,3 +212,71 @@ def test_hessian_operator(backend):
     res = hessop.cg(H, bn, tol=1e-11)
     d = to_numpy(res.curvature_direction)
     assert res.negative_curvature and d @ dense @ d <= 1e-12 * np.abs(dense).max()
+
+
+# --- misuse: non-finite values and meaningless options ----------------------------------------
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_right_hand_side_and_x0(fw, value):
+    b = np.ones(D)
+    b[3] = value
+    with pytest.raises(hessop.NonFiniteError, match="right-hand side b"):
+        hessop.cg(native(fw, SPD), native(fw, b))
+    with pytest.raises(hessop.NonFiniteError, match="x0"):
+        hessop.cg(native(fw, SPD), native(fw, np.ones(D)), x0=native(fw, b))
+    B = np.ones((D, 3))
+    B[5, 2] = value  # one bad column of a block
+    with pytest.raises(hessop.NonFiniteError, match="right-hand side b"):
+        hessop.cg(native(fw, SPD), native(fw, B))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_products_are_an_error_not_a_step(fw, value):
+    # Issue #10: a NaN product used to report negative curvature and return a finite
+    # steepest-descent step. Any non-finite product must raise, at any iteration.
+    with pytest.raises(hessop.NonFiniteError, match="step 0"):
+        hessop.cg(native(fw, nan_matrix(SPD, value)), native(fw, np.ones(D)))
+    late = poisoned(native(fw, SPD), after=4)
+    with pytest.raises(hessop.NonFiniteError, match="step 4"):
+        hessop.cg(late, native(fw, np.ones(D)), tol=1e-14)
+    with pytest.raises(hessop.NonFiniteError, match="preconditioner"):
+        hessop.cg(native(fw, SPD), native(fw, np.ones(D)), M=lambda r: r * np.nan)
+
+
+def test_nan_hessian_is_an_error():
+    torch = pytest.importorskip("torch")
+    w = torch.tensor([1.0, float("nan")], dtype=torch.float64)
+    H = hessop.hessian(lambda w: (w**4).sum(), w, backend="torch")
+    with pytest.raises(hessop.NonFiniteError, match="product"):
+        hessop.cg(H, torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"tol": -1.0}, ValueError, "tol must be a finite number >= 0"),
+        ({"tol": float("nan")}, ValueError, "tol"),
+        ({"tol": "small"}, TypeError, "tol"),
+        ({"atol": -1e-3}, ValueError, "atol must be a finite number >= 0"),
+        ({"maxiter": -5}, ValueError, "maxiter must be an integer >= 1"),
+        ({"maxiter": 0}, ValueError, "maxiter must be an integer >= 1"),
+        ({"maxiter": 2.5}, TypeError, "maxiter"),
+        ({"damping": float("inf")}, ValueError, "damping must be a finite number"),
+        ({"damping": float("nan")}, ValueError, "damping"),
+        ({"callback": 3}, TypeError, "callback must be callable"),
+        ({"progress": "yes"}, TypeError, "progress must be True or False"),
+        ({"x0": np.ones(D + 1)}, hessop.ShapeError, "x0"),
+    ],
+)
+def test_meaningless_options_are_refused(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        hessop.cg(SPD, np.ones(D), **kwargs)
+
+
+def test_complex_and_other_device_inputs_are_refused():
+    with pytest.raises(hessop.DTypeError, match="real"):
+        hessop.cg(SPD, np.ones(D) + 1j)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(hessop.DTypeError, match="int64"):
+        hessop.cg(torch.as_tensor(SPD), torch.ones(D, dtype=torch.int64))
+    with pytest.raises(hessop.DeviceError, match="meta"):
+        hessop.cg(torch.as_tensor(SPD), torch.ones(D, dtype=torch.float64, device="meta"))

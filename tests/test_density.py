@@ -11,6 +11,7 @@ from algo_helpers import (
     assert_native,
     framework_params,
     hessian_operator,
+    nan_matrix,
     native,
     rng_untouched,
     with_spectrum,
@@ -118,3 +119,40 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(ImportError, match=r"hessop\[plot\]"):
         hessop.plot_spectral_density(res, tmp_path / "x.png")
+
+
+# --- misuse: non-finite values and meaningless options ----------------------------------------
+@pytest.mark.parametrize("fw", framework_params())
+def test_non_finite_products_raise(fw):
+    with pytest.raises(hessop.NonFiniteError, match="slq.*step 0"):
+        hessop.spectral_density(native(fw, nan_matrix(A_MAT)), num_probes=2, num_iter=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"sigma": float("nan")}, ValueError, "sigma must be a finite number > 0"),
+        ({"sigma": float("inf")}, ValueError, "sigma"),
+        ({"sigma": 0.0}, ValueError, "sigma"),
+        ({"num_probes": 0}, ValueError, "num_probes must be an integer >= 1"),
+        ({"num_iter": -1}, ValueError, "num_iter"),
+        ({"num_points": 1}, ValueError, "num_points must be an integer >= 2"),
+        ({"num_points": 10.0}, TypeError, "num_points"),
+        ({"grid": ["a", "b"]}, TypeError, "grid must be a 1-D array of real numbers"),
+        ({"grid": "abc"}, TypeError, "grid"),
+        ({"grid": np.zeros((3, 3))}, ValueError, "1-D"),
+        ({"grid": np.array([])}, ValueError, "non-empty"),
+        ({"grid": np.array([0.0, np.nan])}, hessop.NonFiniteError, "grid"),
+        ({"grid": [0.0, np.inf]}, hessop.NonFiniteError, "grid"),
+        ({"reorthogonalize": None}, TypeError, "reorthogonalize"),
+    ],
+)
+def test_meaningless_options(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        hessop.spectral_density(A_MAT, **{"num_probes": 2, "num_iter": 5, **kwargs})
+
+
+def test_grid_of_another_framework_is_read():
+    torch = pytest.importorskip("torch")
+    res = hessop.spectral_density(A_MAT, num_probes=2, num_iter=5, grid=torch.linspace(-2, 5, 9))
+    np.testing.assert_allclose(res.grid, np.linspace(-2, 5, 9), rtol=1e-6)

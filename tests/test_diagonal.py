@@ -10,6 +10,7 @@ from algo_helpers import (
     assert_native,
     framework_params,
     hessian_operator,
+    nan_matrix,
     native,
     rng_untouched,
     with_spectrum,
@@ -130,3 +131,88 @@ def test_xdiag_rank_deficient_symmetric_is_exact():
     low = G @ np.diag([2.0, -1.0, 0.5]) @ G.T
     res = hessop.diagonal(low, 12, method="xdiag", seed=2)
     np.testing.assert_allclose(res.estimate, np.diag(low), atol=1e-9)
+
+
+# --- user probes, sparse Rademacher probes, misuse --------------------------------------------
+@pytest.mark.parametrize("fw", framework_params())
+def test_hutchinson_with_user_probes_is_exact_numpy(fw):
+    Z = np.random.default_rng(5).standard_normal((D, 9))
+    samples = Z * (A_MAT @ Z)
+    with rng_untouched():
+        res = hessop.diagonal(native(fw, A_MAT), probes=native(fw, Z))
+    assert_native(fw, res.estimate)
+    assert res.num_matvecs == 9
+    np.testing.assert_allclose(to_numpy(res.estimate), samples.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(
+        to_numpy(res.std_error), samples.std(axis=1, ddof=1) / 3.0, rtol=1e-10
+    )
+    # The 2^3 sign patterns of a 3-block Hadamard-like design cancel every off-diagonal term.
+    signs = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1]], dtype=float)
+    M = with_spectrum([1.0, 2.0, 5.0], seed=1)
+    np.testing.assert_allclose(hessop.diagonal(M, probes=signs).estimate, np.diag(M), rtol=1e-12)
+
+
+def test_xdiag_user_probes_equal_the_drawn_ones():
+    class Recording(Counting):
+        seen = []
+
+        def _matmat(self, V):
+            self.seen.append(np.array(V))
+            return super()._matmat(V)
+
+    op = Recording(A_MAT)
+    ref = hessop.diagonal(op, 12, method="xdiag", seed=7)
+    res = hessop.diagonal(A_MAT, method="xdiag", probes=op.seen[0])
+    assert res.num_matvecs == 12
+    np.testing.assert_allclose(res.estimate, ref.estimate, rtol=1e-12)
+
+
+def test_sparse_rademacher_diagonal_is_unbiased():
+    n = 300
+    est = np.stack(
+        [
+            hessop.diagonal(
+                A_MAT, 10, distribution="sparse-rademacher", density=0.3, seed=s
+            ).estimate
+            for s in range(n)
+        ]
+    )
+    # per-probe variance of entry j: (1/density - 1) A_jj^2 + sum_{l != j} A_jl^2
+    var = (1 / 0.3 - 1) * TRUE**2 + (A_MAT**2).sum(axis=1) - TRUE**2
+    z = (est.mean(axis=0) - TRUE) / np.sqrt(var / (10 * n))
+    assert np.all(np.abs(z) < 5), z
+    ratio = est.var(axis=0, ddof=1) / (var / 10)
+    assert 0.75 < np.median(ratio) < 1.33
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("method,num", [("hutchinson", 10), ("xdiag", 12), ("exact", None)])
+def test_non_finite_products_raise(method, num, value):
+    with pytest.raises(hessop.NonFiniteError, match="diagonal: the operator's product"):
+        hessop.diagonal(nan_matrix(A_MAT, value), num, method=method)
+    if method != "exact":
+        Z = np.ones((D, 4))
+        Z[3, 1] = value
+        with pytest.raises(hessop.NonFiniteError, match="probes"):
+            hessop.diagonal(A_MAT, method=method, probes=Z)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"num_matvecs": -1}, ValueError, "num_matvecs must be an integer >= 1"),
+        ({"method": "bekas"}, hessop.UnknownOptionError, "xdiag"),
+        ({"distribution": "binary"}, hessop.UnknownOptionError, "distribution"),
+        ({"distribution": "sparse-rademacher", "density": 2.0}, ValueError, r"\(0, 1\]"),
+        ({"chunk_size": -2}, ValueError, "chunk_size"),
+        ({"probes": np.ones((D, 3)), "num_matvecs": 4}, ValueError, "3 probes cost 3"),
+        ({"probes": np.ones((D, 1)), "method": "xdiag", "num_matvecs": None}, ValueError, "even"),
+        ({"method": "exact", "probes": np.ones((D, 3)), "num_matvecs": None}, ValueError, "unit"),
+        ({"method": "exact", "num_matvecs": None, "density": 0.5}, ValueError, "unit vectors"),
+        ({"probes": [[1.0, 2.0]], "num_matvecs": None}, hessop.ShapeError, "probes"),
+    ],
+)
+def test_meaningless_options(kwargs, exc, match):
+    kwargs = {"num_matvecs": 6, **kwargs}
+    with pytest.raises(exc, match=match):
+        hessop.diagonal(A_MAT, **kwargs)

@@ -10,13 +10,16 @@ from algo_helpers import (
     assert_native,
     framework_params,
     hessian_operator,
+    nan_matrix,
     native,
+    poisoned,
     rng_untouched,
     with_spectrum,
 )
 
 import hessop
 from conftest import backend_params, to_numpy
+from hessop.algorithms import _basis
 
 D = 120
 # Indefinite, with a cluster at the top and a double eigenvalue at the bottom.
@@ -202,3 +205,136 @@ def test_power_iteration_on_hessian(backend):
     spec = np.linalg.eigvalsh(dense)
     top = spec[np.argsort(-np.abs(spec))[:2]]
     np.testing.assert_allclose(to_numpy(res.eigenvalues), top, rtol=1e-6)
+
+
+# --- misuse: non-finite values and meaningless options ----------------------------------------
+@pytest.mark.parametrize("fw", framework_params())
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_products_raise_named_error(fw, value):
+    # Issue #10: NaN products used to die in numpy's LinAlgError.
+    bad = native(fw, nan_matrix(A_MAT, value))
+    with pytest.raises(hessop.NonFiniteError, match="eigsh.*step 1"):
+        hessop.eigsh(bad, 3)
+    with pytest.raises(hessop.NonFiniteError, match="eigsh.*step 30"):
+        hessop.eigsh(poisoned(native(fw, A_MAT), after=29), 3)
+    with pytest.raises(hessop.NonFiniteError, match="power_iteration.*step 1"):
+        hessop.power_iteration(bad, 1)
+    v0 = np.ones(D)
+    v0[0] = value
+    with pytest.raises(hessop.NonFiniteError, match="v0"):
+        hessop.eigsh(native(fw, A_MAT), 3, v0=native(fw, v0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"k": 0}, ValueError, "k must be an integer >= 1"),
+        ({"k": 2.0}, TypeError, "k must be an integer"),
+        ({"tol": -1.0}, ValueError, "tol must be a finite number >= 0"),
+        ({"tol": float("nan")}, ValueError, "tol"),
+        ({"maxiter": 0}, ValueError, "maxiter must be an integer >= 1"),
+        ({"ncv": 0}, ValueError, "ncv must be an integer >= 1"),
+        ({"ncv": 3}, ValueError, "k < ncv <= d"),
+        ({"ncv": D + 1}, ValueError, "k < ncv <= d"),
+        ({"which": "XX"}, hessop.UnknownOptionError, "'LA', 'SA', 'LM'"),
+        ({"which": None}, hessop.UnknownOptionError, "which"),
+        ({"progress": 1}, TypeError, "progress"),
+        ({"v0": np.ones(D + 2)}, hessop.ShapeError, "v0"),
+    ],
+)
+def test_eigsh_meaningless_options(kwargs, exc, match):
+    kwargs = {"k": 3, **kwargs}
+    with pytest.raises(exc, match=match):
+        hessop.eigsh(A_MAT, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"k": 0}, ValueError, "k must be an integer >= 1"),
+        ({"tol": -1.0}, ValueError, "tol"),
+        ({"maxiter": -5}, ValueError, "maxiter must be an integer >= 1"),
+        ({"maxiter": None}, TypeError, "maxiter"),
+    ],
+)
+def test_power_iteration_meaningless_options(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        hessop.power_iteration(A_MAT, **kwargs)
+
+
+def test_tol_zero_means_machine_precision():
+    res = hessop.eigsh(A_MAT, 2, tol=0.0)
+    assert res.converged.all()
+    np.testing.assert_allclose(res.eigenvalues, expected(SPEC, 2, "LA"), atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_immutable_basis_gives_the_same_pairs(monkeypatch, which):
+    # The JAX layout (blocks of rows written functionally) on numpy arrays: the same
+    # arithmetic, so the same eigenpairs and product counts as the in-place layout.
+    ref = hessop.eigsh(A_MAT, 4, which, seed=1)
+    monkeypatch.setattr(_basis.array_api_compat, "is_writeable_array", lambda x: False)
+    res = hessop.eigsh(A_MAT, 4, which, seed=1)
+    assert res.num_matvecs == ref.num_matvecs
+    np.testing.assert_allclose(res.eigenvalues, ref.eigenvalues, atol=1e-12)
+    np.testing.assert_allclose(np.abs(res.eigenvectors.T @ ref.eigenvectors), np.eye(4), atol=1e-8)
+    check_pairs(res, A_MAT, 1e-8)
+    p = hessop.power_iteration(A_MAT, 2, tol=1e-10, maxiter=2000)
+    np.testing.assert_allclose(np.abs(p.eigenvalues), [6.0, 6.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_basis_against_numpy(writable):
+    # Basis on its own: rows written one by one, projections and combinations equal numpy's.
+    rng = np.random.default_rng(0)
+    d, m, p = 40, 11, 2
+    A = hessop.aslinearoperator(np.eye(d))
+    Q = np.stack([np.linalg.qr(rng.standard_normal((d, m)))[0].T for _ in range(p)])  # (p, m, d)
+    basis = _basis.Basis(A, p, m, writable=writable)
+    for i in range(7):
+        basis.append(2.0 * Q[:, i, :], np.array([2.0, 2.0]))
+    W = rng.standard_normal((p, d))
+    proj, norm, H = basis.project(W)
+    Qf = Q[:, :7, :]
+    ref = W - np.einsum("pmd,pm->pd", Qf, np.einsum("pmd,pd->pm", Qf, W))
+    np.testing.assert_allclose(proj, ref, atol=1e-12)
+    np.testing.assert_allclose(norm, np.linalg.norm(ref, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(H, np.einsum("pmd,pd->mp", Qf, W), rtol=1e-12)
+    S = rng.standard_normal((p, 7, 3))
+    np.testing.assert_allclose(basis.combine(S), np.einsum("pmk,pmd->pkd", S, Qf), atol=1e-12)
+    basis.reset(Q[:, 7:9, :])
+    assert basis.n == 2
+    np.testing.assert_allclose(basis.row(1), Q[:, 8, :])
+    _, _, H = basis.project(W)
+    np.testing.assert_allclose(H, np.einsum("pmd,pd->mp", Q[:, 7:9, :], W), rtol=1e-12)
+
+
+def test_to_scipy_holds_host_blas_to_one_thread_during_framework_products():
+    # Issue #15: numpy's/scipy's idle BLAS workers spinning beside a torch product tripled
+    # its cost; to_scipy limits them to one thread for the product, and only for it.
+    torch = pytest.importorskip("torch")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def host_blas_threads():
+        return [
+            info["num_threads"]
+            for info in threadpoolctl.threadpool_info()
+            if info["user_api"] == "blas"
+            and ("numpy" in info["filepath"] or "scipy" in info["filepath"])
+        ]
+
+    before = host_blas_threads()
+    if not before:
+        pytest.skip("threadpoolctl sees no BLAS library of numpy or scipy here")
+    seen = []
+    M = torch.as_tensor(A_MAT)
+
+    def matvec(v):
+        seen.append(host_blas_threads())
+        return M @ v
+
+    op = hessop.aslinearoperator(matvec, shape=(D, D), backend="torch", symmetric=True)
+    vals = spla.eigsh(op.to_scipy(), 3, which="LA", tol=1e-10)[0]
+    np.testing.assert_allclose(np.sort(vals), expected(SPEC, 3, "LA"), atol=1e-9)
+    assert seen and all(threads == [1] * len(before) for threads in seen)
+    assert host_blas_threads() == before

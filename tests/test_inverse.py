@@ -12,6 +12,7 @@ from algo_helpers import (
     assert_native,
     framework_params,
     hessian_operator,
+    nan_matrix,
     native,
     rng_untouched,
     with_spectrum,
@@ -101,3 +102,33 @@ def test_bilevel_example_matches_finite_differences():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main("torch") < module.TOLERANCE
+
+
+@pytest.mark.parametrize("fw", framework_params())
+@pytest.mark.parametrize("method", ["cg", "neumann"])
+def test_non_finite_raise(fw, method):
+    kw = {"scale": 0.2} if method == "neumann" else {}
+    v = np.ones(D)
+    with pytest.raises(hessop.NonFiniteError, match="product"):
+        hessop.inverse_hvp(native(fw, nan_matrix(SPD)), native(fw, v), method=method, **kw)
+    v[0] = np.nan
+    with pytest.raises(hessop.NonFiniteError, match="v|b"):
+        hessop.inverse_hvp(native(fw, SPD), native(fw, v), method=method, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"damping": float("nan")}, ValueError, "damping must be a finite number"),
+        ({"tol": -1.0}, ValueError, "tol must be a finite number >= 0"),
+        ({"scale": float("inf")}, ValueError, "scale must be a finite number > 0"),
+        ({"scale": 0.0}, ValueError, "scale"),
+        ({"num_terms": 0}, ValueError, "num_terms must be an integer >= 1"),
+        ({"maxiter": 0}, ValueError, "maxiter must be an integer >= 1"),
+        ({"method": 3}, hessop.UnknownOptionError, "neumann"),
+    ],
+)
+def test_meaningless_options(kwargs, exc, match):
+    for method in ("cg", "neumann"):
+        with pytest.raises(exc, match=match):
+            hessop.inverse_hvp(SPD, np.ones(D), **{"method": method, **kwargs})

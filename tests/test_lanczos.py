@@ -9,13 +9,16 @@ from algo_helpers import (
     assert_native,
     framework_params,
     hessian_operator,
+    nan_matrix,
     native,
+    poisoned,
     rng_untouched,
     with_spectrum,
 )
 
 import hessop
 from conftest import backend_params, to_numpy
+from hessop.algorithms import _basis
 
 D = 50
 SPEC = np.concatenate([[-4.0, -2.5], np.linspace(0.1, 3.0, D - 4), [8.0, 9.0]])
@@ -130,3 +133,41 @@ def test_zero_start_vector_is_refused():
         hessop.lanczos(A_MAT, 5, v0=np.zeros(D))
     with pytest.raises(ValueError, match="nonzero"):
         hessop.eigsh(A_MAT, 2, v0=np.zeros(D))
+
+
+# --- misuse, and the immutable basis layout ---------------------------------------------------
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_products_and_start_raise(fw, value):
+    with pytest.raises(hessop.NonFiniteError, match="lanczos.*step 0"):
+        hessop.lanczos(native(fw, nan_matrix(A_MAT, value)), 10)
+    with pytest.raises(hessop.NonFiniteError, match="lanczos.*step 6"):
+        hessop.lanczos(poisoned(native(fw, A_MAT), after=6), 10, reorthogonalize=False)
+    v0 = np.ones(D)
+    v0[4] = value
+    with pytest.raises(hessop.NonFiniteError, match="v0"):
+        hessop.lanczos(native(fw, A_MAT), 5, v0=native(fw, v0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"num_iter": 0}, ValueError, "num_iter must be an integer >= 1"),
+        ({"num_iter": 3.0}, TypeError, "num_iter"),
+        ({"reorthogonalize": "no"}, TypeError, "reorthogonalize must be True or False"),
+        ({"return_basis": 1}, TypeError, "return_basis"),
+        ({"v0": np.ones((D, 2))}, hessop.ShapeError, "v0"),
+    ],
+)
+def test_meaningless_options(kwargs, exc, match):
+    kwargs = {"num_iter": 5, **kwargs}
+    with pytest.raises(exc, match=match):
+        hessop.lanczos(A_MAT, **kwargs)
+
+
+def test_immutable_basis_gives_the_same_tridiagonal(monkeypatch):
+    ref = hessop.lanczos(A_MAT, 30, seed=2, return_basis=True)
+    monkeypatch.setattr(_basis.array_api_compat, "is_writeable_array", lambda x: False)
+    res = hessop.lanczos(A_MAT, 30, seed=2, return_basis=True)
+    np.testing.assert_allclose(res.alpha, ref.alpha, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(res.beta, ref.beta, rtol=1e-12)
+    np.testing.assert_allclose(res.basis.T @ res.basis, np.eye(30), atol=1e-13)

@@ -29,7 +29,6 @@ from misuse import (
     W3,
     close,
     err,
-    fresh_quad,
     is_true,
     nan_propagates,
     nat,
@@ -57,18 +56,17 @@ def sq(w):
 
 
 def make(b, **kw):
-    """hessian(quad, ...) at the standard point with options ``kw``."""
-    return fresh_quad(b, **kw)
+    """A fresh hessian(quad, ...) at the standard point, with options ``kw``."""
+    return hessop.hessian(quad, nat(b, W3), nat(b, A3), **kw)
 
 
 def first_product(H, b):
     return H @ nat(b, np.ones(H.shape[0]))
 
 
-def on(b, f, params=None):
-    """The first product of hessian(f) at ``params`` (default: W3)."""
-    p = nat(b, W3) if params is None else params
-    return first_product(hessop.hessian(f, p), b)
+def on(b, f):
+    """The first product of hessian(f) at W3 (where a loss is first evaluated)."""
+    return first_product(hessop.hessian(f, nat(b, W3)), b)
 
 
 def torch_only(*cases):

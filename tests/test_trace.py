@@ -9,6 +9,7 @@ from algo_helpers import (
     assert_native,
     framework_params,
     hessian_operator,
+    nan_matrix,
     native,
     rng_untouched,
     with_spectrum,
@@ -158,3 +159,121 @@ def test_xtrace_numerically_rank_deficient():
     M = G @ G.T + tiny
     est = [float(hessop.trace(M, 12, method="xtrace", seed=s).estimate) for s in range(20)]
     np.testing.assert_allclose(est, np.trace(M), rtol=1e-8)
+
+
+# --- user probes and sparse Rademacher probes (issue #13) -------------------------------------
+class Recording(Counting):
+    """Records the probe blocks it is multiplied with."""
+
+    def __init__(self, M):
+        super().__init__(M)
+        self.seen = []
+
+    def _matmat(self, V):
+        self.seen.append(to_numpy(V))
+        return super()._matmat(V)
+
+
+@pytest.mark.parametrize("fw", framework_params())
+def test_hutchinson_with_user_probes_is_exact_numpy(fw):
+    Z = np.random.default_rng(3).standard_normal((D, 7))
+    samples = np.einsum("ij,ik,kj->j", Z, A_MAT, Z)
+    with rng_untouched():
+        res = hessop.trace(native(fw, A_MAT), probes=native(fw, Z))  # numpy probes work too
+    assert_native(fw, res.estimate)
+    assert res.num_matvecs == 7
+    assert float(to_numpy(res.estimate)) == pytest.approx(samples.mean(), rel=1e-12)
+    assert float(to_numpy(res.std_error)) == pytest.approx(
+        samples.std(ddof=1) / np.sqrt(7), rel=1e-10
+    )
+    # sqrt(d) e_i have E z z^T = I: the mean of d d A_ii / d is the trace, exactly
+    exact = hessop.trace(A_MAT, probes=np.sqrt(D) * np.eye(D))
+    assert float(exact.estimate) == pytest.approx(TRUE, rel=1e-12)
+
+
+@pytest.mark.parametrize("method, num", [("hutch++", 12), ("xtrace", 12)])
+def test_user_probes_split_as_documented(method, num):
+    # The drawn probes, passed back as user probes, give the same estimate: hutch++ sketches
+    # with the first n // 2 columns, xtrace uses all of them exchangeably.
+    seeded = Recording(A_MAT)
+    ref = hessop.trace(seeded, num, method=method, seed=4)
+    if method == "hutch++":
+        probes = np.concatenate([seeded.seen[0], seeded.seen[2]], axis=1)  # S, then G
+        res = hessop.trace(Counting(A_MAT), method=method, probes=probes)
+    else:
+        probes = seeded.seen[0]
+        res = hessop.trace(A_MAT, method=method, probes=probes, distribution="sphere")
+        plain = hessop.trace(A_MAT, method=method, probes=probes)  # no sphere normalization
+        assert float(plain.estimate) != pytest.approx(float(ref.estimate), rel=1e-12)
+        assert abs(float(plain.estimate) - TRUE) < 10 * float(plain.std_error) + 1e-6
+    assert probes.shape[1] == {"hutch++": 8, "xtrace": 6}[method]
+    assert res.num_matvecs == num
+    assert float(res.estimate) == pytest.approx(float(ref.estimate), rel=1e-12)
+
+
+def test_sparse_rademacher_probes_have_identity_covariance():
+    op = Recording(A_MAT)
+    density = 0.2
+    hessop.trace(op, 4000, distribution="sparse-rademacher", density=density, seed=0)
+    Z = op.seen[0]
+    values = np.unique(Z)
+    np.testing.assert_allclose(values, [-1 / np.sqrt(density), 0.0, 1 / np.sqrt(density)])
+    assert np.mean(Z != 0) == pytest.approx(density, abs=0.01)
+    assert np.mean(Z > 0) == pytest.approx(density / 2, abs=0.01)
+    # E z z^T = I: 4000 samples give each entry a standard error of about
+    # sqrt(E z_i^2 z_j^2 / n) (off-diagonal 1/sqrt(n), diagonal sqrt((1/density - 1)/n)).
+    cov = Z @ Z.T / Z.shape[1]
+    off = cov[~np.eye(D, dtype=bool)]
+    assert np.abs(np.diag(cov) - 1).max() < 5 * np.sqrt((1 / density - 1) / 4000)
+    assert np.abs(off).max() < 5.5 / np.sqrt(4000)
+    assert np.abs(off.mean()) < 5 / np.sqrt(4000 * off.size)
+
+
+def test_sparse_rademacher_trace_is_unbiased_not_a_tenth():
+    # torch-secorder's sparse Hutchinson forgot the rescaling and returned ~0.1x the trace.
+    est = [
+        float(hessop.trace(A_MAT, 10, distribution="sparse-rademacher", seed=s).estimate)
+        for s in range(300)
+    ]
+    assert abs(np.mean(est) - TRUE) <= 5 * np.std(est) / np.sqrt(300)
+    assert np.mean(est) == pytest.approx(TRUE, rel=0.15)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_non_finite_products_and_probes_raise(method, value):
+    with pytest.raises(hessop.NonFiniteError, match="trace: the operator's product"):
+        hessop.trace(nan_matrix(A_MAT, value), METHODS[method], method=method)
+    Z = np.ones((D, 4))
+    Z[0, 0] = value
+    with pytest.raises(hessop.NonFiniteError, match="probes"):
+        hessop.trace(A_MAT, method=method, probes=Z)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"num_matvecs": 0}, ValueError, "num_matvecs must be an integer >= 1"),
+        ({"num_matvecs": 2.5}, TypeError, "num_matvecs"),
+        ({"num_matvecs": None}, TypeError, "num_matvecs"),
+        ({"method": "hutch"}, hessop.UnknownOptionError, "xtrace"),
+        ({"distribution": "uniform"}, hessop.UnknownOptionError, "sparse-rademacher"),
+        ({"density": 0.0, "distribution": "sparse-rademacher"}, ValueError, r"\(0, 1\]"),
+        ({"density": 1.5, "distribution": "sparse-rademacher"}, ValueError, r"\(0, 1\]"),
+        ({"density": np.nan, "distribution": "sparse-rademacher"}, ValueError, "density"),
+        ({"density": 0.5}, ValueError, "sparse-rademacher' only"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be an integer >= 1"),
+        ({"method": "hutch++", "num_matvecs": 2}, ValueError, "hutch\\+\\+ needs"),
+        ({"method": "xtrace", "num_matvecs": 7}, ValueError, "even"),
+        ({"method": "xtrace", "num_matvecs": 60}, ValueError, "fewer probes than d"),
+        ({"probes": np.ones((D + 1, 3)), "num_matvecs": None}, hessop.ShapeError, "probes"),
+        ({"probes": np.ones((D, 3)), "num_matvecs": 4}, ValueError, "3 probes cost 3"),
+        ({"probes": np.ones((D, 3)), "density": 0.5}, ValueError, "no meaning with probes"),
+        ({"probes": np.ones((D, 3)), "distribution": "gaussian"}, ValueError, "no meaning"),
+        ({"probes": np.ones((D, 3)) * 1j}, hessop.DTypeError, "real"),
+    ],
+)
+def test_meaningless_options(kwargs, exc, match):
+    kwargs = {"num_matvecs": 6, **kwargs}
+    with pytest.raises(exc, match=match):
+        hessop.trace(A_MAT, **kwargs)

@@ -94,11 +94,14 @@ def test_jax_operators_share_compilations_when_nothing_changed():
         return jnp.sum(jnp.tanh(X @ w) ** 2)
 
     X = jnp.asarray(np.random.default_rng(0).standard_normal((5, 3)))
+    counts = []
     for i in range(4):  # a Newton loop: a new operator at each point, same data shapes
         H = hessop.hessian(f, jnp.full(3, 0.1 * i), X)
         H @ jnp.ones(3)
-    # traced for the plain product once; later operators reuse the compilation
-    assert len(traces) == 1
+        counts.append(len(traces))
+    # the first operator traces (its product, and once the loss alone to read off that it
+    # depends on the point); later operators reuse all of it
+    assert counts[0] <= 2 and counts[1:] == counts[:1] * 3
 
 
 @backends

@@ -1,26 +1,37 @@
-"""Plumbing shared by the algorithms: operator coercion, seeded random probes, progress.
+"""Plumbing shared by the algorithms: operator coercion, input checks, seeded probes, progress.
 
-Every algorithm is written once against the array API: ``A.xp`` is the namespace of the
-operator's framework, so the same code runs on numpy, torch and JAX arrays and keeps them on
-the operator's device. Small dense problems (a tridiagonal eigendecomposition, a k x k
-Rayleigh-Ritz) are solved with numpy on the host, which is cheap and identical everywhere.
+Every algorithm is written once against the array API and the public
+:class:`~hessop.LinearOperator` interface (``A.xp``, ``A.asarray``, ``A.to_numpy``,
+``A.zeros``, ``A.eps``, ``A.kernel``), so the same code runs on numpy, torch and JAX arrays
+and keeps them on the operator's device. Small dense problems (a tridiagonal
+eigendecomposition, a k x k Rayleigh-Ritz) are solved with numpy on the host, which is cheap
+and identical everywhere.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
-from .._errors import ShapeError, unknown
-from .._operator import CallableOperator, LinearOperator, aslinearoperator
-from ..backends import get_backend, infer_backend
+from .. import _checks
+from .._errors import DeviceError, DTypeError, NonFiniteError, ShapeError, unknown
+from .._operator import LinearOperator, aslinearoperator
 
-DISTRIBUTIONS = ("rademacher", "gaussian", "sphere")
+DISTRIBUTIONS = ("rademacher", "sparse-rademacher", "gaussian", "sphere")
+
+#: what to do about a non-finite product, appended to every such error
+_PRODUCT_HINT = (
+    "A Hessian of a loss that is finite at its point has finite products: check that the "
+    "loss, the parameters and the data are finite there (a diverged optimizer step leaves "
+    "NaN parameters), or the operator's own code"
+)
 
 
+# --- operators and their arrays --------------------------------------------------------------
 def as_operator(A: Any, like: Any = None, what: str = "A") -> LinearOperator:
     """Coerce ``A`` to a square :class:`LinearOperator`.
 
@@ -33,35 +44,61 @@ def as_operator(A: Any, like: Any = None, what: str = "A") -> LinearOperator:
                 f"{what} is a plain callable, so its size is unknown; wrap it first with "
                 "hessop.aslinearoperator(f, shape=(d, d), backend=..., symmetric=True)"
             )
-        bk = get_backend(like) if infer_backend(like) is not None else get_backend("numpy")
-        n = int(like.shape[0])
-        dtype = like.dtype if bk.is_floating(like.dtype) else "float64"
-        return CallableOperator(A, (n, n), dtype, bk, bk.device_of(like), symmetric=True)
+        if _namespace(like) is None:  # numpy, a list: a float64 numpy operator
+            like = np.asarray(like, dtype=np.float64)
+        # A (n, 1) dense operator tells the framework, dtype and device of `like`.
+        probe = aslinearoperator(array_api_compat.array_namespace(like).reshape(like, (-1, 1)))
+        n = probe.shape[0]
+        return aslinearoperator(
+            A,
+            shape=(n, n),
+            dtype=probe.dtype,
+            backend=probe.backend,
+            device=probe.device,
+            symmetric=True,
+        )
     op = aslinearoperator(A)
     if op.shape[0] != op.shape[1]:
         raise ShapeError(f"{what} must be square, got shape {op.shape}")
     return op
 
 
+def _namespace(x: Any) -> Any:
+    """The array namespace of a framework array, None for numpy arrays and non-arrays."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return None
+    try:
+        return array_api_compat.array_namespace(x)
+    except TypeError:
+        return None
+
+
 def as_native(A: LinearOperator, x: Any, what: str, ndims: tuple[int, ...] = (1,)) -> Any:
-    """``x`` as an array of ``A``'s framework, dtype and device; numpy input is converted."""
-    bk = A._bk
-    if not bk.owns(x):
-        name = infer_backend(x)
-        if name not in (None, "numpy") and name != A.backend:
-            raise TypeError(
-                f"{what} is a {name} array but the operator is a {A.backend} operator; "
-                f"pass a {A.backend} (or numpy) array"
-            )
+    """``x`` as an array of ``A``'s framework, dtype and device; numpy input is converted.
+
+    Refuses an array of another framework, a complex or non-numeric dtype, a native array on
+    another device, and a shape whose first axis is not the operator's size.
+    """
+    ns = _namespace(x)
+    if ns is None:
         x = np.asarray(x)
         if x.dtype.kind not in "fiub":
-            raise TypeError(f"{what} must be a real array, got dtype {x.dtype}")
-        x = bk.asarray(x.astype(np.float64), dtype=A.dtype, device=A.device)
+            raise DTypeError(f"{what} must be a real array, got dtype {x.dtype}")
+        x = A.asarray(x.astype(np.float64))
+    elif ns is not A.xp:
+        name = ns.__name__.replace("array_api_compat.", "").split(".")[0]
+        raise TypeError(
+            f"{what} is a {name} array but the operator is a {A.backend} operator; "
+            f"pass a {A.backend} (or numpy) array"
+        )
     else:
-        bk.check_floating(x.dtype, what)
-        bk.check_device(x, A.device, what)
-        if x.dtype != A.dtype:
-            x = A.xp.astype(x, A.dtype)
+        if not A.xp.isdtype(x.dtype, "real floating"):
+            raise DTypeError(
+                f"{what} has dtype {x.dtype}; pass a real floating-point array "
+                f"(it is converted to the operator's {A.dtype})"
+            )
+        _check_device(A, x, what)
+        x = A.asarray(x)
     shape = tuple(x.shape)
     if len(shape) not in ndims or shape[0] != A.shape[0]:
         want = " or ".join(f"({A.shape[0]},)" if k == 1 else f"({A.shape[0]}, k)" for k in ndims)
@@ -69,43 +106,110 @@ def as_native(A: LinearOperator, x: Any, what: str, ndims: tuple[int, ...] = (1,
     return x
 
 
-def from_numpy(A: LinearOperator, x: Any, dtype: Any = None) -> Any:
-    """A numpy array (or scalar) as an array of ``A``'s framework on its device."""
-    return A._bk.asarray(np.asarray(x), dtype=A.dtype if dtype is None else dtype, device=A.device)
+def _check_device(A: LinearOperator, x: Any, what: str) -> None:
+    have, want = array_api_compat.device(x), A.device
+    if want is None or have == want:
+        return
+    # A data-parallel operator lives on several devices (a sharding with a device_set).
+    if have in getattr(want, "device_set", ()):
+        return
+    raise DeviceError(
+        f"{what} is on device {have} but the operator is on {want}; move it there first"
+    )
 
 
-def to_numpy(A: LinearOperator, x: Any) -> np.ndarray:
-    """An array of ``A``'s framework as a (detached, host) numpy array."""
-    return A._bk.to_numpy(x)
+def host(x: Any, dtype: Any = np.float64) -> np.ndarray:
+    """Any framework's array (or a sequence) as a numpy array, float64 unless ``dtype`` is
+    None: for values that come with no operator to ask."""
+    try:
+        return np.asarray(x, dtype=dtype)
+    except (TypeError, RuntimeError):
+        if _namespace(x) is None:
+            raise
+    # on an accelerator, or a tensor that records gradients (duck-typed)
+    x = array_api_compat.to_device(x, "cpu")
+    return np.asarray(x.detach() if hasattr(x, "detach") else x, dtype=dtype)
 
 
-def check_distribution(distribution: str) -> str:
-    if distribution not in DISTRIBUTIONS:
-        raise unknown("distribution", distribution, DISTRIBUTIONS)
-    return distribution
+def to_host(A: LinearOperator, x: Any) -> np.ndarray:
+    """An array of ``A``'s framework as a float64 numpy array."""
+    return np.asarray(A.to_numpy(x), dtype=np.float64)
+
+
+# --- finiteness ------------------------------------------------------------------------------
+def all_finite(A: LinearOperator, x: Any) -> bool:
+    return bool(A.to_numpy(A.xp.all(A.xp.isfinite(x))))
+
+
+def check_finite_input(A: LinearOperator, x: Any, algo: str, what: str) -> Any:
+    """Raise :class:`NonFiniteError` when the input ``x`` holds NaN or infinity."""
+    if not all_finite(A, x):
+        raise NonFiniteError(
+            f"{algo}: {what} holds NaN or infinity; pass finite values "
+            "(hessop does not guess what a non-finite input means)"
+        )
+    return x
+
+
+def nonfinite_product(algo: str, where: str) -> NonFiniteError:
+    """The error for a product (or a value computed from products) that is not finite."""
+    return NonFiniteError(
+        f"{algo}: the operator's product {where} is NaN or infinite, so no result can be "
+        f"trusted. {_PRODUCT_HINT}"
+    )
+
+
+def check_finite_values(values: Any, algo: str, where: str) -> None:
+    """Raise when host values read from products (norms, coefficients) are not finite."""
+    if not np.all(np.isfinite(values)):
+        raise nonfinite_product(algo, where)
+
+
+# --- options -----------------------------------------------------------------------------------
+def choice(value: Any, name: str, valid: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``valid``, else the error that lists them."""
+    if not isinstance(value, str) or value not in valid:
+        raise unknown(name, value, valid)
+    return value
+
+
+def chunk_option(value: Any) -> int | None:
+    return _checks.optional_integer(value, "chunk_size", minimum=1)
+
+
+# --- randomness ------------------------------------------------------------------------------
+def new_rng(seed: Any) -> np.random.Generator:
+    """A private generator: never reads or advances any global RNG state."""
+    return np.random.default_rng(seed)
 
 
 def random_probes(
-    rng: np.random.Generator, d: int, k: int, distribution: str = "rademacher"
+    rng: np.random.Generator,
+    d: int,
+    k: int,
+    distribution: str = "rademacher",
+    density: float = 1.0,
 ) -> np.ndarray:
     """``k`` random probe vectors in R^d as a float64 numpy ``(d, k)`` array with E zz^T = I.
 
     Drawn on the host with numpy so every framework sees the same numbers for a seed.
+    ``"sparse-rademacher"`` entries are ``+-1/sqrt(density)`` with probability
+    ``density / 2`` each and 0 otherwise: the rescaling keeps E zz^T = I.
     """
-    check_distribution(distribution)
     if distribution == "rademacher":
         return rng.integers(0, 2, size=(d, k)).astype(np.float64) * 2.0 - 1.0
+    if distribution == "sparse-rademacher":
+        u = rng.random((d, k))
+        half = density / 2.0
+        signs = np.where(u < half, 1.0, np.where(u < density, -1.0, 0.0))
+        return signs / math.sqrt(density)
     Z = rng.standard_normal((d, k))
     if distribution == "sphere":
         Z *= math.sqrt(d) / np.linalg.norm(Z, axis=0, keepdims=True)
     return Z
 
 
-def new_rng(seed: Any) -> np.random.Generator:
-    """A private generator: never reads or advances any global RNG state."""
-    return np.random.default_rng(seed)
-
-
+# --- products ----------------------------------------------------------------------------------
 def apply(A: LinearOperator, V: Any) -> Any:
     """``A @ V`` for a ``(d, k)`` block: one ``matmat``; a single ``matvec`` when k == 1."""
     if V.shape[1] == 1:
@@ -113,23 +217,22 @@ def apply(A: LinearOperator, V: Any) -> Any:
     return A.matmat(V)
 
 
-def apply_chunked(A: LinearOperator, V: Any, chunk_size: int | None) -> Any:
-    """``A @ V`` in column blocks of ``chunk_size`` (all at once when None)."""
+def apply_chunked(
+    A: LinearOperator, V: Any, chunk_size: int | None, algo: str = "", transpose: bool = False
+) -> Any:
+    """``A @ V`` (``A^T @ V`` with ``transpose`` on a non-symmetric A) in column blocks of
+    ``chunk_size`` (all at once when None), checked finite when ``algo`` names the caller."""
     k = V.shape[1]
-    if chunk_size is None or chunk_size >= k:
-        return apply(A, V)
-    step = max(1, int(chunk_size))
-    return A.xp.concat([apply(A, V[:, j : j + step]) for j in range(0, k, step)], axis=1)
+    step = k if chunk_size is None else chunk_size
 
+    def one(W: Any) -> Any:
+        return A.rmatmat(W) if transpose and not A.symmetric else apply(A, W)
 
-def column_norms(xp: Any, V: Any) -> Any:
-    return xp.sqrt(xp.sum(V * V, axis=0))
-
-
-def positive_int(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    parts = [one(V[:, j : j + step]) for j in range(0, k, step)]
+    Y = parts[0] if len(parts) == 1 else A.xp.concat(parts, axis=1)
+    if algo and not all_finite(A, Y):
+        raise nonfinite_product(algo, "with its probe vectors")
+    return Y
 
 
 class _NoBar:
@@ -145,47 +248,13 @@ class _NoBar:
 
 def progress_bar(enabled: bool, total: int | None, desc: str) -> Any:
     """A tqdm bar when ``enabled`` (tqdm imported lazily), else a no-op with the same API."""
-    if not enabled:
+    if not _checks.flag(enabled, "progress"):
         return _NoBar()
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False)
 
 
-def kernel(A: LinearOperator, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(xp, *arrays)`` bound to ``A``'s namespace (see :meth:`LinearOperator.kernel`)."""
-    return A.kernel(fn)
-
-
 def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
         yield start, min(n, start + size)
-
-
-def leave_one_out(A: LinearOperator, R: Any) -> tuple[str, Any]:
-    """The exchangeable estimators' leave-one-out geometry, from ``Y = A Omega = Q R``.
-
-    For each probe i, the projector onto ``span(Y without column i)`` is
-    ``Q (I - K_i K_i^T) Q^T`` where ``K_i`` (m x n_i, in Q-coordinates) spans the part of
-    ``span(Q)`` that the other columns miss. When Y has full numerical rank, ``n_i = 1`` and
-    ``K_i = s_i``, the normalized i-th column of ``R^{-T}`` (Epperly, Tropp & Webber):
-    returns ``("vector", S)`` with S in the framework (so gradients flow). When Y is
-    numerically rank deficient (singular values below ``sqrt(eps)`` of the largest, as for
-    an operator of rank < m), ``R^{-T}`` does not exist and each ``K_i`` comes from an SVD
-    of ``R`` without column i: returns ``("blocks", [K_i])``. Either way ``K_i`` depends on
-    the other probes only, which is what keeps the estimators unbiased.
-    """
-    xp = A.xp
-    Rn = to_numpy(A, R).astype(np.float64)
-    m = Rn.shape[1]
-    rtol = math.sqrt(float(np.finfo(A._bk.dtype_name(A.dtype)).eps))
-    sv = np.linalg.svd(Rn, compute_uv=False)
-    if sv.size and sv[-1] > rtol * sv[0]:
-        S = xp.linalg.inv(R).T
-        return "vector", S / xp.sqrt(xp.sum(S * S, axis=0))[None, :]
-    blocks = []
-    for i in range(m):
-        U, s, _ = np.linalg.svd(np.delete(Rn, i, axis=1), full_matrices=True)
-        rank = int(np.sum(s > rtol * max(sv[0], np.finfo(float).tiny)))
-        blocks.append(from_numpy(A, U[:, rank:]))
-    return "blocks", blocks

@@ -8,8 +8,17 @@ from typing import Any
 
 import numpy as np
 
+from .. import _checks
 from .._operator import LinearOperator, aslinearoperator
-from ._common import as_native, as_operator, from_numpy, kernel, progress_bar, to_numpy
+from ._common import (
+    apply,
+    as_native,
+    as_operator,
+    check_finite_input,
+    check_finite_values,
+    progress_bar,
+    to_host,
+)
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,12 @@ def cg(
     -------
     CGResult
 
+    Raises
+    ------
+    NonFiniteError
+        When ``b`` or ``x0`` holds NaN or infinity, or a product of the operator (or of the
+        preconditioner) does: never a step computed from non-finite numbers.
+
     Notes
     -----
     **Non-positive curvature.** When a search direction ``p`` has
@@ -121,139 +136,174 @@ def cg(
     d = A.shape[0]
     B = as_native(A, b, "b", ndims=(1, 2))
     vector = B.ndim == 1
-    if vector:
-        B = xp.reshape(B, (d, 1))
+    B = xp.reshape(B, (d, 1)) if vector else B
     k = B.shape[1]
-    maxiter = 10 * d if maxiter is None else int(maxiter)
-    damping = float(damping)
-
-    Minv = _preconditioner(A, M)
-
-    def apply_A(P: Any, cols: np.ndarray) -> Any:
-        # Products only for the active columns, scattered back by a one-hot matmul so the
-        # code has no in-place writes (JAX arrays are immutable).
-        n_act = len(cols)
-        if n_act == k:
-            Y = A.matvec(P[:, 0])[:, None] if k == 1 else A.matmat(P)
-        else:
-            idx = from_numpy(A, cols, dtype=_index_dtype(A))
-            Pa = xp.take(P, idx, axis=1)
-            Ya = A.matvec(Pa[:, 0])[:, None] if n_act == 1 else A.matmat(Pa)
-            E = np.zeros((n_act, k))
-            E[np.arange(n_act), cols] = 1.0
-            Y = Ya @ from_numpy(A, E)
-        return Y + damping * P if damping else Y
-
-    def apply_M(R: Any) -> Any:
-        if Minv is None:
-            return R
-        return Minv.matvec(R[:, 0])[:, None] if k == 1 else Minv.matmat(R)
-
-    bnorm = to_numpy(A, xp.sqrt(xp.sum(B * B, axis=0))).astype(np.float64)
-    thresh = np.maximum(tol * bnorm, atol)
-    num_matvecs = 0
+    tol = _checks.real(tol, "tol", minimum=0.0)
+    atol = _checks.real(atol, "atol", minimum=0.0)
+    maxiter = _checks.optional_integer(maxiter, "maxiter", minimum=1) or 10 * d
+    damping = _checks.real(damping, "damping")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {callback!r}")
+    bnorm = to_host(A, xp.sqrt(xp.sum(B * B, axis=0)))
+    if not np.all(np.isfinite(bnorm)):
+        check_finite_input(A, B, "cg", "the right-hand side b")  # names an overflow too
+    solver = _Solver(A, k, damping, _preconditioner(A, M), no_x0=x0 is None)
     if x0 is None:
-        X = xp.zeros_like(B)
-        R = B
+        X, R = xp.zeros_like(B), B
     else:
         X = as_native(A, x0, "x0", ndims=(1, 2))
         X = xp.reshape(X, (d, 1)) if X.ndim == 1 else X
         if tuple(X.shape) != tuple(B.shape):
             raise ValueError(f"x0 has shape {tuple(X.shape)} but b has {tuple(B.shape)}")
-        R = B - apply_A(X, np.arange(k))
-        num_matvecs += k
-
-    rnorm = to_numpy(A, xp.sqrt(xp.sum(R * R, axis=0))).astype(np.float64)
-    converged = rnorm <= thresh
-    negative = np.zeros(k, dtype=bool)
-    iterations = np.zeros(k, dtype=np.int64)
-    active = ~converged
-    Z = apply_M(R)
-    P = Z
-    rz = xp.sum(R * Z, axis=0)
-    D = None  # directions of non-positive curvature
-    first_step_fallback = np.zeros(k, dtype=bool)
-
-    update, direction = kernel(A, _update), kernel(A, _direction)
-    bar = progress_bar(progress, maxiter, "cg")
-    try:
-        for _ in range(maxiter):
-            cols = np.flatnonzero(active)
-            if len(cols) == 0:
-                break
-            AP = apply_A(P, cols)
-            num_matvecs += len(cols)
-            act = from_numpy(A, active, dtype=bool)
-            X, R, pAp, rnorm_new = update(X, R, P, AP, rz, act)
-            pAp_np = to_numpy(A, pAp).astype(np.float64)
-            bad = active & ~(pAp_np > 0)  # the kernel skipped these columns
-            if bad.any():
-                negative |= bad
-                mask = from_numpy(A, bad, dtype=bool)[None, :]
-                D = xp.where(mask, P, xp.zeros_like(P) if D is None else D)
-                first_step_fallback |= bad & (iterations == 0) & (x0 is None)
-                active &= ~bad
-                if not active.any():
-                    break  # no column took a step
-            iterations += active
-            rnorm = np.where(active, to_numpy(A, rnorm_new).astype(np.float64), rnorm)
-            done = active & (rnorm <= thresh)
-            converged |= done
-            active &= ~done
-            if callback is not None:
-                callback(X[:, 0] if vector else X)
-            bar.update(1)
-            if not active.any():
-                break
-            Z = apply_M(R)
-            P, rz = direction(R, Z, P, rz, from_numpy(A, active, dtype=bool))
-    finally:
-        bar.close()
-
-    if first_step_fallback.any():
+        check_finite_input(A, X, "cg", "x0")
+        R = B - solver.apply_A(X, list(range(k)))
+    rnorm = to_host(A, xp.sqrt(xp.sum(R * R, axis=0)))
+    check_finite_values(rnorm, "cg", "with x0")
+    X, state = solver.run(
+        X, R, rnorm, np.maximum(tol * bnorm, atol), maxiter, callback, vector, progress
+    )
+    if state.fallback.any():
         # Newton-CG: with no step taken, return the first search direction M b.
-        mask = from_numpy(A, first_step_fallback, dtype=bool)[None, :]
-        X = xp.where(mask, apply_M(B), X)
-
+        X = xp.where(A.asarray(state.fallback, dtype=bool)[None, :], solver.apply_M(B), X)
+    D = state.D
     if vector:
         return CGResult(
             x=X[:, 0],
-            converged=bool(converged[0]),
-            iterations=int(iterations[0]),
-            residual_norm=float(rnorm[0]),
-            negative_curvature=bool(negative[0]),
+            converged=bool(state.converged[0]),
+            iterations=int(state.iterations[0]),
+            residual_norm=float(state.rnorm[0]),
+            negative_curvature=bool(state.negative[0]),
             curvature_direction=None if D is None else D[:, 0],
-            num_matvecs=num_matvecs,
+            num_matvecs=solver.num_matvecs,
         )
     return CGResult(
         x=X,
-        converged=converged,
-        iterations=iterations,
-        residual_norm=rnorm,
-        negative_curvature=negative,
+        converged=state.converged,
+        iterations=state.iterations,
+        residual_norm=state.rnorm,
+        negative_curvature=state.negative,
         curvature_direction=D,
-        num_matvecs=num_matvecs,
+        num_matvecs=solver.num_matvecs,
     )
 
 
+@dataclass
+class _State:
+    """Per-column bookkeeping of a CG run, on the host."""
+
+    rnorm: np.ndarray
+    converged: np.ndarray
+    negative: np.ndarray
+    iterations: np.ndarray
+    fallback: np.ndarray  # met non-positive curvature before the first step, without x0
+    D: Any = None  # directions of non-positive curvature
+
+
+class _Solver:
+    """The products of one CG run (operator, damping, preconditioner) and its loop."""
+
+    def __init__(self, A: LinearOperator, k: int, damping: float, Minv: Any, no_x0: bool) -> None:
+        self.A, self.k, self.damping, self.Minv, self.no_x0 = A, k, damping, Minv, no_x0
+        self.num_matvecs = 0
+
+    def apply_A(self, P: Any, cols: list[int]) -> Any:
+        """``(A + damping I) P`` on the columns ``cols`` (the others come back zero): only
+        the still-active columns are multiplied, gathered and scattered by slicing."""
+        A, xp, k = self.A, self.A.xp, self.k
+        self.num_matvecs += len(cols)
+        if len(cols) == k:
+            Y = apply(A, P)
+        else:
+            Ya = apply(A, xp.stack([P[:, j] for j in cols], axis=1))
+            zero = xp.zeros_like(P[:, 0])
+            where = {j: i for i, j in enumerate(cols)}
+            Y = xp.stack([Ya[:, where[j]] if j in where else zero for j in range(k)], axis=1)
+        return Y + self.damping * P if self.damping else Y
+
+    def apply_M(self, R: Any) -> Any:
+        return R if self.Minv is None else apply(self.Minv, R)
+
+    def _check_M(self, rz: Any, active: np.ndarray) -> None:
+        """With a preconditioner, ``r^T M r`` is read to tell its NaN from the operator's."""
+        if self.Minv is not None:
+            check_finite_values(to_host(self.A, rz)[active], "cg", "of the preconditioner M")
+
+    def run(
+        self,
+        X: Any,
+        R: Any,
+        rnorm: np.ndarray,
+        thresh: np.ndarray,
+        maxiter: int,
+        callback: Any,
+        vector: bool,
+        progress: bool,
+    ) -> tuple[Any, _State]:
+        A, xp, k = self.A, self.A.xp, self.k
+        converged = rnorm <= thresh
+        st = _State(rnorm, converged, np.zeros(k, bool), np.zeros(k, np.int64), np.zeros(k, bool))
+        active = ~converged
+        Z = self.apply_M(R)
+        P, rz = Z, xp.sum(R * Z, axis=0)
+        self._check_M(rz, active)
+        update, direction = A.kernel(_update), A.kernel(_direction)
+        bar = progress_bar(progress, maxiter, "cg")
+        act, n_act = None, -1  # columns only ever leave the active set: a count tells a change
+        try:
+            for it in range(maxiter):
+                cols = [int(j) for j in np.flatnonzero(active)]
+                if not cols:
+                    break
+                AP = self.apply_A(P, cols)
+                if act is None or len(cols) != n_act:  # the mask on the device, when it changed
+                    act, n_act = A.asarray(active, dtype=bool), len(cols)
+                X, R, host = update(X, R, P, AP, rz, act)
+                pAp, rnorm_new = to_host(A, host)
+                check_finite_values(pAp[active], "cg", f"with the search direction at step {it}")
+                bad = active & ~(pAp > 0)  # the kernel skipped these columns
+                if bad.any():
+                    st.negative |= bad
+                    mask = A.asarray(bad, dtype=bool)[None, :]
+                    st.D = xp.where(mask, P, xp.zeros_like(P) if st.D is None else st.D)
+                    st.fallback |= bad & (st.iterations == 0) & self.no_x0
+                    active &= ~bad
+                    if not active.any():
+                        break  # no column took a step
+                st.iterations += active
+                st.rnorm = np.where(active, rnorm_new, st.rnorm)
+                done = active & (st.rnorm <= thresh)
+                st.converged |= done
+                active &= ~done
+                if callback is not None:
+                    callback(X[:, 0] if vector else X)
+                bar.update(1)
+                if not active.any():
+                    break
+                Z = self.apply_M(R)
+                if int(active.sum()) != n_act:
+                    act, n_act = A.asarray(active, dtype=bool), int(active.sum())
+                P, rz = direction(R, Z, P, rz, act)
+                self._check_M(rz, active)
+        finally:
+            bar.close()
+        return X, st
+
+
 def _update(xp: Any, X: Any, R: Any, P: Any, AP: Any, rz: Any, act: Any) -> Any:
-    """One CG step on the active columns with positive curvature; the rest stay put."""
+    """One CG step on the active columns with positive curvature; the rest stay put.
+    Returns the new X and R, and ``p^T A p`` and ``||r||`` stacked for one host read."""
     pAp = xp.sum(P * AP, axis=0)
     ok = act & (pAp > 0)
     alpha = xp.where(ok, rz / xp.where(ok, pAp, xp.ones_like(pAp)), xp.zeros_like(pAp))
     X = X + alpha[None, :] * P
     R = R - alpha[None, :] * AP
-    return X, R, pAp, xp.sqrt(xp.sum(R * R, axis=0))
+    return X, R, xp.stack([pAp, xp.sqrt(xp.sum(R * R, axis=0))])
 
 
 def _direction(xp: Any, R: Any, Z: Any, P: Any, rz: Any, act: Any) -> Any:
     rz_new = xp.sum(R * Z, axis=0)
     beta = xp.where(act, rz_new / xp.where(act, rz, xp.ones_like(rz)), xp.zeros_like(rz))
     return Z + beta[None, :] * P, xp.where(act, rz_new, rz)
-
-
-def _index_dtype(A: LinearOperator) -> Any:
-    return A._bk.dtype("int64") if A.backend != "jax" else A._bk.xp.int32
 
 
 def _preconditioner(A: LinearOperator, M: Any) -> LinearOperator | None:

@@ -9,13 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (
-    as_operator,
-    from_numpy,
-    new_rng,
-    positive_int,
-    random_probes,
-)
+from .. import _checks
+from ._common import as_operator, check_finite_input, host, new_rng, random_probes
 from .lanczos import lanczos_block, tridiagonal_eigh
 
 
@@ -86,7 +81,7 @@ def spectral_density(
         Points where to evaluate the density (1-D array); default ``num_points`` evenly
         spaced points from ``min(theta) - 6 sigma`` to ``max(theta) + 6 sigma``.
     num_points : int
-        Size of the default grid.
+        Size of the default grid, at least 2.
     sigma : float, optional
         Gaussian broadening; default 1% of the spread of the nodes (or of their magnitude
         when they all coincide).
@@ -99,6 +94,11 @@ def spectral_density(
     Returns
     -------
     SpectralDensity
+
+    Raises
+    ------
+    NonFiniteError
+        When the grid or a product of the operator holds NaN or infinity.
 
     Examples
     --------
@@ -113,11 +113,14 @@ def spectral_density(
     """
     A = as_operator(A)
     d = A.shape[0]
-    num_probes = positive_int(num_probes, "num_probes")
-    m = min(positive_int(num_iter, "num_iter"), d)
-    rng = new_rng(seed)
-    V0 = from_numpy(A, random_probes(rng, d, num_probes, "rademacher"))
-    run = lanczos_block(A, V0, m, reorthogonalize=reorthogonalize, progress=progress, desc="slq")
+    num_probes = _checks.integer(num_probes, "num_probes", minimum=1)
+    m = min(_checks.integer(num_iter, "num_iter", minimum=1), d)
+    sigma = _checks.optional_real(sigma, "sigma", positive=True)
+    num_points = _checks.integer(num_points, "num_points", minimum=2)
+    reorth = _checks.flag(reorthogonalize, "reorthogonalize")
+    t = None if grid is None else _grid(A, grid)
+    V0 = A.asarray(random_probes(new_rng(seed), d, num_probes, "rademacher").T)
+    run = lanczos_block(A, V0, m, reorthogonalize=reorth, progress=progress, algo="slq")
     nodes = np.zeros((num_probes, m))
     weights = np.zeros((num_probes, m))
     for i in range(num_probes):
@@ -130,15 +133,8 @@ def spectral_density(
     if sigma is None:
         spread = hi - lo
         sigma = 0.01 * spread if spread > 0 else 0.01 * max(abs(hi), 1.0)
-    sigma = float(sigma)
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    if grid is None:
-        t = np.linspace(lo - 6 * sigma, hi + 6 * sigma, positive_int(num_points, "num_points"))
-    else:
-        t = np.asarray(A._bk.to_numpy(grid) if A._bk.owns(grid) else grid, dtype=np.float64)
-        if t.ndim != 1:
-            raise ValueError(f"grid must be a 1-D array, got shape {t.shape}")
+    if t is None:
+        t = np.linspace(lo - 6 * sigma, hi + 6 * sigma, num_points)
     # Sum the Gaussians in chunks of the grid: (points x nodes) stays small.
     flat_nodes, flat_w = nodes[used], weights[used] / num_probes
     density = np.empty_like(t)
@@ -147,13 +143,28 @@ def spectral_density(
         diff = (t[s : s + 4096, None] - flat_nodes[None, :]) / sigma
         density[s : s + 4096] = norm * (np.exp(-0.5 * diff * diff) @ flat_w)
     return SpectralDensity(
-        grid=from_numpy(A, t),
-        density=from_numpy(A, density),
-        nodes=from_numpy(A, nodes),
-        weights=from_numpy(A, weights),
+        grid=A.asarray(t),
+        density=A.asarray(density),
+        nodes=A.asarray(nodes),
+        weights=A.asarray(weights),
         sigma=sigma,
         num_matvecs=run.num_matvecs,
     )
+
+
+def _grid(A: Any, grid: Any) -> np.ndarray:
+    """A user's grid as float64 numpy: a non-empty 1-D array of finite real numbers."""
+    try:
+        arr = host(grid, dtype=None)
+    except (TypeError, ValueError) as err:  # ragged nesting, an object numpy cannot read
+        raise TypeError(f"grid must be a 1-D array of real numbers: {err}") from None
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"grid must be a 1-D array of real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"grid must be a non-empty 1-D array, got shape {arr.shape}")
+    arr = arr.astype(np.float64)
+    check_finite_input(A, A.asarray(arr), "spectral_density", "grid")
+    return arr
 
 
 def plot_spectral_density(
@@ -194,11 +205,7 @@ def plot_spectral_density(
             "plot_spectral_density needs matplotlib, which is not installed; install it "
             "with: pip install 'hessop[plot]'"
         ) from err
-    from ..backends import get_backend
-
-    bk = get_backend(result.grid)
-    t = np.asarray(bk.to_numpy(result.grid), dtype=np.float64)
-    p = np.asarray(bk.to_numpy(result.density), dtype=np.float64)
+    t, p = host(result.grid), host(result.density)
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

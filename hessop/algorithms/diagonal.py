@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .._errors import unknown
 from ._common import (
+    all_finite,
     apply_chunked,
     as_operator,
-    check_distribution,
-    from_numpy,
+    choice,
+    chunk_option,
     iter_chunks,
-    leave_one_out,
     new_rng,
-    positive_int,
-    random_probes,
+    nonfinite_product,
+)
+from ._estimators import (
+    ProbeOptions,
+    draw,
+    exchangeable_sketch,
+    mean_and_error,
+    num_matvecs_option,
+    probe_options,
 )
 
 METHODS = ("hutchinson", "xdiag", "exact")
@@ -50,7 +55,9 @@ def diagonal(
     *,
     method: str = "hutchinson",
     seed: Any = 0,
-    distribution: str = "rademacher",
+    distribution: str | None = None,
+    density: float | None = None,
+    probes: Any = None,
     chunk_size: int | None = None,
 ) -> DiagonalResult:
     """Estimate the diagonal of ``A`` from ``num_matvecs`` products.
@@ -60,14 +67,23 @@ def diagonal(
     A :
         A :class:`hessop.LinearOperator`, dense array or scipy operator.
     num_matvecs : int
-        Products to spend (optional for ``"exact"``).
+        Products to spend (optional for ``"exact"``, fixed by ``probes`` when given).
     method : {"hutchinson", "xdiag", "exact"}
         The estimator (see Notes).
     seed :
         Seed of the private numpy generator drawing the probes; global RNG state is
         untouched.
-    distribution : {"rademacher", "gaussian", "sphere"}
-        Probe distribution (Rademacher has the lowest variance for diagonals).
+    distribution : {"rademacher", "sparse-rademacher", "gaussian", "sphere"}, optional
+        Probe distribution, default Rademacher (the lowest variance for diagonals).
+        ``"sparse-rademacher"`` entries are ``+-1/sqrt(density)`` with probability
+        ``density / 2`` each and 0 otherwise, so that ``E z z^T = I`` still holds.
+    density : float, optional
+        The fraction of nonzero entries of sparse Rademacher probes, in (0, 1]; default 0.1.
+    probes :
+        Your own probe vectors, a ``(d, n)`` array (numpy or the operator's framework),
+        used instead of drawn ones; ``E z z^T = I`` makes the estimate unbiased.
+        ``"hutchinson"`` spends ``n`` products, ``"xdiag"`` ``2 n`` (all ``n`` probes are
+        used exchangeably); ``"exact"`` takes none (it uses the unit vectors).
     chunk_size : int, optional
         Columns per ``matmat`` call (default: all at once).
 
@@ -75,11 +91,15 @@ def diagonal(
     -------
     DiagonalResult
 
+    Raises
+    ------
+    NonFiniteError
+        When the probes or the operator's products hold NaN or infinity.
+
     Notes
     -----
     ``"hutchinson"``
-        ``mean_i z_i * (A z_i)`` (Bekas, Kokiopoulou & Saad, 2007); with Rademacher
-        probes entry j has variance ``sum_{l != j} A_jl^2`` per probe.
+        ``mean_i z_i * (A z_i)`` (Bekas, Kokiopoulou & Saad, 2007).
     ``"xdiag"``
         Epperly, Tropp & Webber (2024): half the products build a leave-one-out low-rank
         approximation ``Q Q^T A`` from the other probes, the rest correct its diagonal.
@@ -89,102 +109,99 @@ def diagonal(
         ``d`` products with the unit vectors, batched ``chunk_size`` at a time
         (``num_matvecs``, if given, must be ``d``).
 
+    **How many products for what error.** With Rademacher probes entry j of one
+    Hutchinson sample has variance ``sum_{l != j} A_jl^2`` (the off-diagonal mass of its
+    row); Gaussian probes add ``2 A_jj^2``, sparse Rademacher ones
+    ``(1/density - 1) A_jj^2``. The error of the mean falls as ``1 / sqrt(m)``: entry j
+    to absolute error ``eps`` needs about ``sum_{l != j} A_jl^2 / eps^2`` products. XDiag's
+    error falls with the tail of the spectrum beyond ``num_matvecs / 2`` eigenvalues, and
+    vanishes once that exceeds the numerical rank; when ``d`` products are affordable,
+    ``"exact"`` is exact.
+
     Examples
     --------
     >>> import numpy as np, hessop
     >>> A = np.array([[2.0, 0.5], [0.5, 3.0]])
     >>> hessop.diagonal(A, method="exact").estimate
     array([2., 3.])
+
+    Your own probes, e.g. the two sign patterns that cancel the off-diagonal exactly:
+
+    >>> hessop.diagonal(A, probes=np.array([[1.0, 1.0], [1.0, -1.0]])).estimate
+    array([2., 3.])
     """
     A = as_operator(A)
-    if method not in METHODS:
-        raise unknown("method", method, METHODS)
-    check_distribution(distribution)
-    d = A.shape[0]
-    xp = A.xp
+    method = choice(method, "method", METHODS)
+    chunk = chunk_option(chunk_size)
     if method == "exact":
+        d = A.shape[0]
+        if probes is not None or distribution is not None or density is not None:
+            raise ValueError(
+                "method='exact' multiplies by the unit vectors: it takes no probes, "
+                "distribution or density"
+            )
         if num_matvecs is not None and num_matvecs != d:
             raise ValueError(
                 f"method='exact' takes exactly d={d} products, got num_matvecs={num_matvecs}; "
                 "omit num_matvecs"
             )
-        return _exact(A, chunk_size)
-    if num_matvecs is None:
-        raise ValueError(f"method={method!r} needs num_matvecs")
-    m = positive_int(num_matvecs, "num_matvecs")
+        return _exact(A, chunk)
+    opts = probe_options(A, "diagonal", method, probes, distribution, density)
+    if num_matvecs is None and opts.user is None:
+        raise ValueError(f"method={method!r} needs num_matvecs (or probes)")
+    m = num_matvecs_option(num_matvecs, method, opts)
     rng = new_rng(seed)
     if method == "hutchinson":
-        Z = from_numpy(A, random_probes(rng, d, m, distribution))
-        samples = Z * apply_chunked(A, Z, chunk_size)
-        return DiagonalResult(*_mean_and_error(xp, samples), m)
+        Z = draw(A, opts, rng, m)
+        samples = Z * apply_chunked(A, Z, chunk, "diagonal")
+        return _result(A, samples, m)
     if m < 4 or m % 2:
         raise ValueError(
-            f"xdiag spends its products in pairs and needs an even num_matvecs >= 4, got {m}"
+            f"xdiag spends its products in pairs and needs an even num_matvecs >= 4 "
+            f"(2 probes), got {m}"
         )
-    return _xdiag(A, m, rng, distribution, chunk_size)
+    return _xdiag(A, m, opts, rng, chunk)
 
 
-def _mean_and_error(xp: Any, samples: Any) -> tuple[Any, Any]:
-    m = samples.shape[1]
-    est = xp.mean(samples, axis=1)
-    if m < 2:
-        return est, est * float("nan")
-    return est, xp.std(samples, axis=1, correction=1) / math.sqrt(m)
+def _result(A: Any, samples: Any, num: int) -> DiagonalResult:
+    est, err = mean_and_error(A.xp, samples, axis=1)
+    if not all_finite(A, est):
+        raise nonfinite_product("diagonal", "with its probe vectors (the estimate overflowed)")
+    return DiagonalResult(est, err, num)
 
 
 def _exact(A: Any, chunk: int | None) -> DiagonalResult:
     xp = A.xp
     d = A.shape[0]
-    step = d if chunk is None else max(1, int(chunk))
     parts = []
-    for start, stop in iter_chunks(d, step):
+    for start, stop in iter_chunks(d, d if chunk is None else chunk):
         E = np.zeros((d, stop - start))
         E[np.arange(start, stop), np.arange(stop - start)] = 1.0
-        E = from_numpy(A, E)
-        parts.append(xp.sum(E * apply_chunked(A, E, None), axis=0))
+        E = A.asarray(E)
+        parts.append(xp.sum(E * apply_chunked(A, E, None, "diagonal"), axis=0))
     est = parts[0] if len(parts) == 1 else xp.concat(parts)
     return DiagonalResult(est, xp.zeros_like(est), d)
 
 
-def _xdiag(A: Any, num: int, rng: Any, dist: str, chunk: int | None) -> DiagonalResult:
+def _xdiag(A: Any, num: int, opts: ProbeOptions, rng: Any, chunk: int | None) -> DiagonalResult:
     # Epperly, Tropp & Webber (2024), Algorithm "xdiag": the diagonal of the leave-one-out
     # approximation P_i A, P_i = Q (I - K_i K_i^T) Q^T the projector onto the other probes'
     # products, plus the probe correction omega_i * ((I - P_i) A omega_i), averaged over i.
     xp = A.xp
-    d = A.shape[0]
-    m = num // 2
-    if m >= d:
-        raise ValueError(
-            f"xdiag with num_matvecs={num} uses {m} probes, which needs m < d={d}; use "
-            "method='exact' instead"
-        )
-    Om = from_numpy(A, random_probes(rng, d, m, dist))
-    Y = apply_chunked(A, Om, chunk)
-    Q, R = xp.linalg.qr(Y)
-    Z = _rapply(A, Q, chunk)  # A^T Q, so that Q Z^T = Q Q^T A
-    T = Z.T @ Om  # = Q^T A Omega
+    sk = exchangeable_sketch(A, draw(A, opts, rng, num // 2), chunk, "diagonal", transpose=True)
+    Om, Y, Q, Z, T = sk.Om, sk.Y, sk.Q, sk.Z, sk.T  # Z = A^T Q, so that Q Z^T = Q Q^T A
     base = xp.sum(Q * Z, axis=1)  # diag(Q Q^T A)
-    kind, K = leave_one_out(A, R)
-    if kind == "vector":
-        S = K
+    if sk.kind == "vector":
+        S = sk.K
         QS, ZS = Q @ S, Z @ S
         dST = xp.sum(S * T, axis=0)
         samples = base[:, None] + (-QS * ZS + Om * Y - Om * (Q @ T) + Om * QS * dST[None, :])
     else:
         cols = []
-        for i, Ki in enumerate(K):
+        for i, Ki in enumerate(sk.K):
             QK, t = Q @ Ki, T[:, i]
             low = base - xp.sum(QK * (Z @ Ki), axis=1)
             resid = Y[:, i] - Q @ t + QK @ (Ki.T @ t)  # (I - P_i) A omega_i
             cols.append(low + Om[:, i] * resid)
         samples = xp.stack(cols, axis=1)
-    return DiagonalResult(*_mean_and_error(xp, samples), num)
-
-
-def _rapply(A: Any, V: Any, chunk: int | None) -> Any:
-    if A.symmetric:
-        return apply_chunked(A, V, chunk)
-    xp = A.xp
-    k = V.shape[1]
-    step = k if chunk is None else max(1, int(chunk))
-    return xp.concat([A.rmatmat(V[:, j : j + step]) for j in range(0, k, step)], axis=1)
+    return _result(A, samples, num)

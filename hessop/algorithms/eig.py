@@ -7,19 +7,18 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import unknown
+from .. import _checks
 from .._operator import LinearOperator
+from ._basis import Basis
 from ._common import (
-    as_native,
     as_operator,
-    from_numpy,
-    kernel,
+    check_finite_values,
+    choice,
     new_rng,
-    positive_int,
     progress_bar,
-    to_numpy,
+    to_host,
 )
-from .lanczos import BREAKDOWN_FACTOR
+from .lanczos import BREAKDOWN_FACTOR, start_vector
 
 WHICH = ("LA", "SA", "LM")
 
@@ -85,7 +84,8 @@ def eigsh(
         Largest algebraic, smallest algebraic, or largest magnitude eigenvalues.
     tol : float
         Relative residual: pair i has converged when
-        ``||A x_i - lambda_i x_i|| <= tol * max(|lambda_i|, eps^(2/3) ||A||)``.
+        ``||A x_i - lambda_i x_i|| <= tol * max(|lambda_i|, eps^(2/3) ||A||)``; 0 asks for
+        machine precision (scipy's convention).
     maxiter : int, optional
         Maximum number of restarts (default ``10 * d``, as scipy).
     ncv : int, optional
@@ -105,6 +105,19 @@ def eigsh(
         Pairs that did not converge within ``maxiter`` are returned too, flagged in
         ``converged``.
 
+    Raises
+    ------
+    NonFiniteError
+        When ``v0`` or a product of the operator holds NaN or infinity.
+
+    Notes
+    -----
+    Each step costs one product, one classical Gram-Schmidt pass over the vectors filled so
+    far (two when the first removed most of the norm, ARPACK's DGKS test) and a few scalars
+    read to the host; the basis is written in place (a block of eight rows at a time in
+    JAX, whose arrays are immutable). On a Hessian this spends a small fraction of the time of
+    its products.
+
     Examples
     --------
     >>> import numpy as np, hessop
@@ -116,120 +129,128 @@ def eigsh(
     True
     """
     A = as_operator(A)
-    xp = A.xp
     d = A.shape[0]
-    k = positive_int(k, "k")
+    k = _checks.integer(k, "k", minimum=1)
     if k >= d:
         raise ValueError(
             f"eigsh needs k < d, got k={k} for a {d}x{d} operator; for all eigenvalues of a "
             "small operator use numpy.linalg.eigh on A.to_dense()"
         )
-    if which not in WHICH:
-        raise unknown("which", which, WHICH)
-    ncv = min(d, max(2 * k + 1, 20)) if ncv is None else int(ncv)
+    which = choice(which, "which", WHICH)
+    ncv = _checks.optional_integer(ncv, "ncv", minimum=1)
+    ncv = min(d, max(2 * k + 1, 20)) if ncv is None else ncv
     if not k < ncv <= d:
         raise ValueError(f"ncv must satisfy k < ncv <= d, got ncv={ncv}, k={k}, d={d}")
-    maxiter = 10 * d if maxiter is None else positive_int(maxiter, "maxiter")
-    eps = float(np.finfo(A._bk.dtype_name(A.dtype)).eps)
-    eps23 = eps ** (2.0 / 3.0)
+    maxiter = _checks.optional_integer(maxiter, "maxiter", minimum=1) or 10 * d
+    tol = _checks.real(tol, "tol", minimum=0.0) or A.eps
     rng = new_rng(seed)
-
-    if v0 is None:
-        v = from_numpy(A, rng.standard_normal(d))
-    else:
-        v = as_native(A, v0, "v0")
-        if float(xp.linalg.vector_norm(v)) == 0.0:
-            raise ValueError("v0 must be a nonzero vector")
-    expand = kernel(A, _expand)
-    eye = np.eye(ncv)
-    q = v / xp.linalg.vector_norm(v)  # the vector being expanded
-    # The basis is a fixed (d, ncv) buffer, zero where not yet filled: fixed shapes.
-    Qb = q[:, None] * from_numpy(A, eye[0])[None, :]
-    j = 0  # index of q in the basis
-    T = np.zeros((ncv, ncv))
-    anorm = 0.0
-    tiny = np.finfo(float).tiny
-    num_matvecs = 0
+    lz = _Restarted(A, ncv, rng, start_vector(A, v0, rng, "eigsh"))
     bar = progress_bar(progress, None, "eigsh")
     try:
         for restart in range(maxiter):
-            # Expand to ncv vectors; columns before the restart point are kept Ritz vectors
-            # (their couplings to the first new vector form the arrow part of T).
-            while True:
-                w, h, beta = expand(Qb, A.matvec(q))
-                num_matvecs += 1
-                T[j, j] = float(to_numpy(A, h)[j])
-                beta = float(beta)
-                anorm = max(anorm, abs(T[j, j]) + beta + (T[j, j - 1] if j > 0 else 0.0))
-                small = beta <= BREAKDOWN_FACTOR * eps * max(anorm, tiny)
-                if j + 1 == ncv:
-                    beta_last, r = beta, w
-                    break
-                if small:
-                    # Invariant subspace: carry on in a fresh direction (T decouples there).
-                    q = _fresh_direction(A, rng, Qb)
-                    beta = 0.0
-                else:
-                    q = w / beta
-                T[j + 1, j] = T[j, j + 1] = beta
-                j += 1
-                Qb = Qb + q[:, None] * from_numpy(A, eye[j])[None, :]
-
-            theta, S = np.linalg.eigh(T)
-            resid = np.abs(beta_last * S[-1, :])
+            lz.expand()
+            theta, S = np.linalg.eigh(lz.T)
+            resid = np.abs(lz.beta_last * S[-1, :])
             order = _most_wanted(theta, which)
             want = order[:k]
-            scale = np.maximum(np.abs(theta[want]), eps23 * max(np.abs(theta).max(), anorm))
-            conv = resid[want] <= tol * scale
+            conv = resid[want] <= tol * lz.scale(theta, theta[want])
             nconv = int(conv.sum())
             bar.update(1)
             bar.set_postfix_str(f"converged {nconv}/{k}")
             if nconv == k or restart == maxiter - 1:
                 break
-
-            # Thick restart: keep the n_keep most wanted Ritz vectors and the residual direction.
+            # Thick restart: keep the n_keep most wanted Ritz vectors and the residual.
             n_keep = k + min(nconv, (ncv - k) // 2)
             if n_keep == 1:
                 n_keep = ncv // 2 if ncv >= 6 else min(2, ncv - 1)
-            n_keep = min(n_keep, ncv - 1)
-            keep = order[:n_keep]
-            C = np.zeros((ncv, ncv))
-            C[:, :n_keep] = S[:, keep]
-            Qb = Qb @ from_numpy(A, C)
-            small = beta_last <= BREAKDOWN_FACTOR * eps * max(anorm, tiny)
-            q = _fresh_direction(A, rng, Qb) if small else r / beta_last
-            j = n_keep
-            Qb = Qb + q[:, None] * from_numpy(A, eye[j])[None, :]
-            T = np.zeros((ncv, ncv))
-            T[np.arange(n_keep), np.arange(n_keep)] = theta[keep]
-            T[n_keep, :n_keep] = T[:n_keep, n_keep] = 0.0 if small else beta_last * S[-1, keep]
+            lz.restart(theta, S, order[: min(n_keep, ncv - 1)])
     finally:
         bar.close()
-
     sel = want[np.argsort(theta[want], kind="stable")]
-    conv_sel = resid[sel] <= tol * np.maximum(
-        np.abs(theta[sel]), eps23 * max(np.abs(theta).max(), anorm)
-    )
+    X = lz.basis.combine(S[None, :, sel])[0]
     return EigshResult(
-        eigenvalues=from_numpy(A, theta[sel]),
-        eigenvectors=Qb @ from_numpy(A, S[:, sel]),
+        eigenvalues=A.asarray(theta[sel]),
+        eigenvectors=A.xp.permute_dims(X, (1, 0)),
         residual_norms=resid[sel],
-        converged=conv_sel,
-        num_matvecs=num_matvecs,
+        converged=resid[sel] <= tol * lz.scale(theta, theta[sel]),
+        num_matvecs=lz.num_matvecs,
         num_restarts=restart,
     )
 
 
-def _expand(xp: Any, Qb: Any, w: Any) -> Any:
-    """Orthogonalize ``w = A q`` against the basis (Gram-Schmidt twice).
+class _Restarted:
+    """The state of thick-restart Lanczos: the basis, the arrow-tridiagonal T, the vector
+    being expanded and the residual of the last expansion (Wu & Simon, 2000)."""
 
-    Returns the residual, the coefficients (column j holds T[j, j]) and the residual norm.
-    """
-    h1 = Qb.T @ w
-    w = w - Qb @ h1
-    h2 = Qb.T @ w
-    w = w - Qb @ h2
-    return w, h1 + h2, xp.linalg.vector_norm(w)
+    def __init__(self, A: LinearOperator, ncv: int, rng: np.random.Generator, q: Any) -> None:
+        self.A, self.ncv, self.rng = A, ncv, rng
+        self.basis = Basis(A, 1, ncv)
+        self.q = self.basis.append(q[None, :])  # the vector being expanded, (1, d)
+        self.q_prev = A.xp.zeros_like(self.q)
+        self.j = 0  # the index of q in the basis
+        self.arrow = -1  # the step that couples to the kept Ritz vectors
+        self.T = np.zeros((ncv, ncv))
+        self.anorm, self.beta_last, self.r = 0.0, 0.0, None
+        self.num_matvecs = 0
+
+    def small(self, beta: float) -> bool:
+        """Whether a residual norm means an invariant subspace (a breakdown)."""
+        return beta <= BREAKDOWN_FACTOR * self.A.eps * max(self.anorm, np.finfo(float).tiny)
+
+    def scale(self, theta: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        """What ``tol`` is relative to: ``max(|lambda|, eps^(2/3) ||A||)``."""
+        anorm = max(np.abs(theta).max(), self.anorm)
+        return np.maximum(np.abs(lam), self.A.eps ** (2.0 / 3.0) * anorm)
+
+    def expand(self) -> None:
+        """Lanczos steps until the basis holds ``ncv`` vectors; columns before the restart
+        point are kept Ritz vectors (their couplings to the first new vector form the arrow
+        part of T, which the Gram-Schmidt pass of that step takes out)."""
+        A, T, j, basis = self.A, self.T, self.j, self.basis
+        while True:
+            w = A.matvec(self.q[0])[None, :]
+            self.num_matvecs += 1
+            prev = 0.0 if j == self.arrow or j == 0 else T[j, j - 1]
+            W, a, beta, H = basis.lanczos_step(self.q, w, self.q_prev, A.asarray([prev]))
+            T[j, j], beta = a[0] + H[j, 0], float(beta[0])
+            check_finite_values([T[j, j], beta], "eigsh", f"at Lanczos step {self.num_matvecs}")
+            self.anorm = max(self.anorm, abs(T[j, j]) + beta + (T[j, j - 1] if j > 0 else 0.0))
+            if j + 1 == self.ncv:
+                self.beta_last, self.r = beta, W
+                self.j = j
+                return
+            self.q_prev = self.q
+            if self.small(beta):
+                # Invariant subspace: carry on in a fresh direction (T decouples there).
+                self.q, beta = self._fresh_direction(), 0.0
+            else:
+                self.q = basis.append(W, np.array([beta]))
+            T[j + 1, j] = T[j, j + 1] = beta
+            j += 1
+
+    def restart(self, theta: np.ndarray, S: np.ndarray, keep: np.ndarray) -> None:
+        """Keep the Ritz vectors ``keep`` with their residual couplings, and the residual
+        as the next vector to expand."""
+        n_keep = len(keep)
+        self.basis.reset(self.basis.combine(S[None, :, keep]))
+        small = self.small(self.beta_last)
+        if small:
+            self.q = self._fresh_direction()
+        else:
+            self.q = self.basis.append(self.r, np.array([self.beta_last]))
+        self.q_prev = self.A.xp.zeros_like(self.q)
+        self.j = self.arrow = n_keep
+        self.T = np.zeros((self.ncv, self.ncv))
+        self.T[np.arange(n_keep), np.arange(n_keep)] = theta[keep]
+        coupling = 0.0 if small else self.beta_last * S[-1, keep]
+        self.T[n_keep, :n_keep] = self.T[:n_keep, n_keep] = coupling
+
+    def _fresh_direction(self) -> Any:
+        """A random unit vector orthogonal to the basis, appended to it."""
+        w = self.A.asarray(self.rng.standard_normal(self.A.shape[0]))[None, :]
+        for _ in range(2):
+            w, norm, _ = self.basis.project(w)
+        return self.basis.append(w, norm)
 
 
 def _most_wanted(theta: np.ndarray, which: str) -> np.ndarray:
@@ -239,15 +260,6 @@ def _most_wanted(theta: np.ndarray, which: str) -> np.ndarray:
     if which == "SA":
         return np.argsort(theta, kind="stable")
     return np.argsort(-np.abs(theta), kind="stable")
-
-
-def _fresh_direction(A: LinearOperator, rng: np.random.Generator, Qm: Any) -> Any:
-    """A random unit vector orthogonal to the columns of ``Qm``."""
-    xp = A.xp
-    w = from_numpy(A, rng.standard_normal(A.shape[0]))
-    for _ in range(2):
-        w = w - Qm @ (Qm.T @ w)
-    return w / xp.linalg.vector_norm(w)
 
 
 @dataclass(frozen=True)
@@ -314,6 +326,11 @@ def power_iteration(
     -------
     PowerIterationResult
 
+    Raises
+    ------
+    NonFiniteError
+        When a product of the operator holds NaN or infinity.
+
     Examples
     --------
     >>> import numpy as np, hessop
@@ -323,29 +340,29 @@ def power_iteration(
     array([ 5., -3.])
     """
     A = as_operator(A)
-    xp = A.xp
     d = A.shape[0]
-    k = positive_int(k, "k")
+    k = _checks.integer(k, "k", minimum=1)
     if k >= d:
         raise ValueError(f"power_iteration needs k < d, got k={k} for a {d}x{d} operator")
-    maxiter = positive_int(maxiter, "maxiter")
+    tol = _checks.real(tol, "tol", minimum=0.0)
+    maxiter = _checks.integer(maxiter, "maxiter", minimum=1)
     rng = new_rng(seed)
-    step = kernel(A, _power_step)
-    eye = np.eye(k)
-    U = xp.zeros((d, k), dtype=A.dtype, **A._device_kw())  # found eigenvectors, zero-padded
+    rayleigh = A.kernel(_rayleigh)
+    found = Basis(A, 1, k)  # the eigenvectors found so far, projected out of every product
     vals, res, conv, iters = [], [], [], []
     num_matvecs = 0
     bar = progress_bar(progress, k * maxiter, "power iteration")
     try:
-        for i in range(k):
-            v = from_numpy(A, rng.standard_normal(d))
-            v = v - U @ (U.T @ v)
-            v = v / xp.linalg.vector_norm(v)
+        for _ in range(k):
+            v, norm, _ = found.project(A.asarray(rng.standard_normal(d))[None, :])
+            v = v / A.asarray(norm)
             lam, ok, it, rnorm = 0.0, False, 0, float("nan")
             for it in range(1, maxiter + 1):  # noqa: B007 - the count is reported
-                v_new, lam_new, rnorm, wnorm = step(U, v, A.matvec(v))
+                W, wnorm, _ = found.project(A.matvec(v[0])[None, :])
                 num_matvecs += 1
-                lam_new, rnorm, wnorm = float(lam_new), float(rnorm), float(wnorm)
+                v_new, lam_rnorm = rayleigh(v, W, A.asarray(wnorm))
+                (lam_new, rnorm), wnorm = to_host(A, lam_rnorm), float(wnorm[0])
+                check_finite_values([lam_new, rnorm, wnorm], "power_iteration", f"at step {it}")
                 bar.update(1)
                 if wnorm == 0.0:  # v lies in the null space of the deflated operator
                     lam, ok = 0.0, True
@@ -355,7 +372,7 @@ def power_iteration(
                     lam, ok = lam_new, True
                     break
                 lam = lam_new
-            U = U + v[:, None] * from_numpy(A, eye[i])[None, :]
+            found.append(v)
             vals.append(lam)
             res.append(rnorm)
             conv.append(ok)
@@ -363,8 +380,8 @@ def power_iteration(
     finally:
         bar.close()
     return PowerIterationResult(
-        eigenvalues=from_numpy(A, np.array(vals)),
-        eigenvectors=U,
+        eigenvalues=A.asarray(np.array(vals)),
+        eigenvectors=A.xp.stack([found.row(i)[0, :] for i in range(k)], axis=1),
         residual_norms=np.array(res),
         converged=np.array(conv),
         iterations=np.array(iters),
@@ -372,10 +389,9 @@ def power_iteration(
     )
 
 
-def _power_step(xp: Any, U: Any, v: Any, w: Any) -> Any:
-    """Deflate ``w = A v`` (project out the found eigenvectors); Rayleigh quotient, residual."""
-    w = w - U @ (U.T @ w)
+def _rayleigh(xp: Any, v: Any, w: Any, wnorm: Any) -> Any:
+    """From the deflated ``w = A v`` (rows ``(1, d)``): the next unit vector, the Rayleigh
+    quotient and the residual norm ``||w - lambda v||``."""
     lam = xp.sum(v * w)
-    wnorm = xp.linalg.vector_norm(w)
-    v_new = w / xp.where(wnorm > 0, wnorm, xp.ones_like(wnorm))
-    return v_new, lam, xp.linalg.vector_norm(w - lam * v), wnorm
+    v_new = w / xp.where(wnorm > 0, wnorm, xp.ones_like(wnorm))[:, None]
+    return v_new, xp.stack([lam, xp.sqrt(xp.sum((w - lam * v) ** 2))])

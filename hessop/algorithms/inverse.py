@@ -7,8 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import unknown
-from ._common import as_native, as_operator, positive_int, progress_bar, to_numpy
+from .. import _checks
+from ._common import (
+    as_native,
+    as_operator,
+    check_finite_input,
+    check_finite_values,
+    choice,
+    progress_bar,
+    to_host,
+)
 from .cg import cg
 from .lanczos import lanczos
 
@@ -100,6 +108,11 @@ def inverse_hvp(
     -------
     InverseHVPResult
 
+    Raises
+    ------
+    NonFiniteError
+        When ``v`` or a product of the operator holds NaN or infinity.
+
     Examples
     --------
     >>> import numpy as np, hessop
@@ -112,8 +125,11 @@ def inverse_hvp(
     >>> np.allclose(H @ res.x, 1.0)
     True
     """
-    if method not in METHODS:
-        raise unknown("method", method, METHODS)
+    method = choice(method, "method", METHODS)
+    damping = _checks.real(damping, "damping")
+    tol = _checks.real(tol, "tol", minimum=0.0)
+    scale = _checks.optional_real(scale, "scale", positive=True)
+    num_terms = _checks.integer(num_terms, "num_terms", minimum=1)
     if method == "cg":
         res = cg(A, v, tol=tol, maxiter=maxiter, damping=damping, progress=progress)
         return InverseHVPResult(
@@ -123,17 +139,16 @@ def inverse_hvp(
             residual_norm=res.residual_norm,
             num_matvecs=res.num_matvecs,
         )
+    _checks.optional_integer(maxiter, "maxiter", minimum=1)
     A = as_operator(A, like=v)
     xp = A.xp
-    V = as_native(A, v, "v", ndims=(1, 2))
+    V = check_finite_input(A, as_native(A, v, "v", ndims=(1, 2)), "inverse_hvp", "v")
     vector = V.ndim == 1
-    num_terms = positive_int(num_terms, "num_terms")
-    damping = float(damping)
     num_matvecs = 0
     if scale is None:
         lz = lanczos(A, 20, seed=seed)
         num_matvecs += lz.num_matvecs
-        theta, S = np.linalg.eigh(to_numpy(A, lz.tridiagonal()))
+        theta, S = np.linalg.eigh(to_host(A, lz.tridiagonal()))
         # top Ritz value plus its residual norm |beta_m s_m|: an eigenvalue lies within it
         lam_max = float(theta[-1]) + lz.residual_norm * abs(float(S[-1, -1])) + damping
         if lam_max <= 0:
@@ -142,16 +157,13 @@ def inverse_hvp(
                 "converge; increase damping or use method='cg'"
             )
         scale = 1.0 / lam_max
-    scale = float(scale)
-    if scale <= 0:
-        raise ValueError(f"scale must be positive, got {scale}")
 
     def apply_B(P: Any) -> Any:
         Y = A.matvec(P) if vector else A.matmat(P)
         return Y + damping * P if damping else Y
 
     def norm(P: Any) -> np.ndarray:
-        return np.atleast_1d(to_numpy(A, xp.sqrt(xp.sum(P * P, axis=0)))).astype(np.float64)
+        return np.atleast_1d(to_host(A, xp.sqrt(xp.sum(P * P, axis=0))))
 
     vnorm = norm(V)
     term = V  # (I - scale B)^j v
@@ -164,6 +176,7 @@ def inverse_hvp(
             term = term - scale * apply_B(term)
             num_matvecs += 1 if vector else V.shape[1]
             tnorm = norm(term)
+            check_finite_values(tnorm, "inverse_hvp", f"at Neumann term {terms}")
             total = total + term
             terms += 1
             bar.update(1)

@@ -5,20 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
+from .. import _checks
 from .._operator import LinearOperator
+from ._basis import Basis
 from ._common import (
     apply,
     as_native,
     as_operator,
-    column_norms,
-    from_numpy,
-    kernel,
+    check_finite_input,
+    check_finite_values,
+    host,
     new_rng,
-    positive_int,
     progress_bar,
-    to_numpy,
+    to_host,
 )
 
 #: an off-diagonal below this multiple of eps * ||T|| ends the recurrence (invariant subspace)
@@ -61,13 +63,10 @@ class LanczosResult:
 
     def tridiagonal(self) -> Any:
         """The dense ``(m, m)`` tridiagonal matrix T, in the operator's framework."""
-        from ..backends import get_backend
-
-        bk = get_backend(self.alpha)
-        a = bk.to_numpy(self.alpha).astype(np.float64)
-        b = bk.to_numpy(self.beta).astype(np.float64)
+        xp = array_api_compat.array_namespace(self.alpha)
+        a, b = host(self.alpha), host(self.beta)
         T = np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
-        return bk.asarray(T, dtype=self.alpha.dtype, device=bk.device_of(self.alpha))
+        return xp.asarray(T, dtype=self.alpha.dtype, device=array_api_compat.device(self.alpha))
 
 
 def lanczos(
@@ -93,9 +92,10 @@ def lanczos(
     seed :
         Seed of the private numpy generator drawing ``v0``; global RNG state is untouched.
     reorthogonalize : bool
-        Full reorthogonalization (classical Gram-Schmidt, twice) against every previous
-        vector: keeps the basis orthonormal, so T has no spurious copies of converged
-        eigenvalues, at ``O(d m)`` extra work and memory. Without it only three vectors
+        Full reorthogonalization (classical Gram-Schmidt against every previous vector,
+        repeated when it removed most of the norm, as ARPACK does): keeps the basis
+        orthonormal, so T has no spurious copies of converged eigenvalues, at ``O(d m)``
+        extra work and memory. Without it only three vectors
         are kept (unless ``return_basis``).
     return_basis : bool
         Return the Lanczos vectors, ``(d, m)``.
@@ -105,6 +105,11 @@ def lanczos(
     Returns
     -------
     LanczosResult
+
+    Raises
+    ------
+    NonFiniteError
+        When ``v0`` or a product of the operator holds NaN or infinity.
 
     Notes
     -----
@@ -122,31 +127,38 @@ def lanczos(
     """
     A = as_operator(A)
     d = A.shape[0]
-    m = min(positive_int(num_iter, "num_iter"), d)
-    if v0 is None:
-        V0 = from_numpy(A, new_rng(seed).standard_normal((d, 1)))
-    else:
-        V0 = A.xp.reshape(as_native(A, v0, "v0"), (d, 1))
-        if float(A.xp.linalg.vector_norm(V0)) == 0.0:
-            raise ValueError("v0 must be a nonzero vector")
+    m = min(_checks.integer(num_iter, "num_iter", minimum=1), d)
+    reorth = _checks.flag(reorthogonalize, "reorthogonalize")
+    keep = _checks.flag(return_basis, "return_basis")
+    v = start_vector(A, v0, new_rng(seed), "lanczos")
     run = lanczos_block(
-        A, V0, m, reorthogonalize=reorthogonalize, keep_basis=return_basis, progress=progress
+        A, A.xp.reshape(v, (1, d)), m, reorthogonalize=reorth, keep_basis=keep, progress=progress
     )
     n = int(run.lengths[0])
-    alpha = from_numpy(A, run.alpha[0, :n])
-    beta = from_numpy(A, run.beta[0, : n - 1])
     basis = None
-    if return_basis:
-        basis = A.xp.concat([Q[:, :1] for Q in run.basis[:n]], axis=1)
+    if keep:
+        basis = A.xp.stack([run.basis.row(i)[0, :] for i in range(n)], axis=1)
     return LanczosResult(
-        alpha=alpha,
-        beta=beta,
+        alpha=A.asarray(run.alpha[0, :n]),
+        beta=A.asarray(run.beta[0, : n - 1]),
         basis=basis,
         num_iter=n,
         breakdown=bool(run.breakdown[0]),
         residual_norm=0.0 if run.breakdown[0] else float(run.beta[0, n - 1]),
         num_matvecs=run.num_matvecs,
     )
+
+
+def start_vector(A: LinearOperator, v0: Any, rng: np.random.Generator, algo: str) -> Any:
+    """The unit start vector: ``v0`` normalized (finite, nonzero), or Gaussian from ``rng``."""
+    xp = A.xp
+    if v0 is None:
+        v = A.asarray(rng.standard_normal(A.shape[0]))
+    else:
+        v = check_finite_input(A, as_native(A, v0, "v0"), algo, "v0")
+        if float(A.to_numpy(xp.linalg.vector_norm(v))) == 0.0:
+            raise ValueError("v0 must be a nonzero vector")
+    return v / xp.linalg.vector_norm(v)
 
 
 @dataclass
@@ -157,7 +169,7 @@ class BlockRun:
     beta: np.ndarray  # (p, m): beta[:, j] is the norm of the residual after step j
     lengths: np.ndarray  # (p,) steps done per run
     breakdown: np.ndarray  # (p,) bool
-    basis: list[Any] | None  # m arrays (d, p)
+    basis: Basis | None  # the Lanczos vectors, as rows
     num_matvecs: int
 
 
@@ -169,45 +181,41 @@ def lanczos_block(
     reorthogonalize: bool = True,
     keep_basis: bool = False,
     progress: bool = False,
-    desc: str = "lanczos",
+    algo: str = "lanczos",
 ) -> BlockRun:
-    """``p`` independent Lanczos runs from the columns of ``V0`` (d, p), one ``matmat`` a step.
+    """``p`` independent Lanczos runs from the rows of ``V0`` ``(p, d)``, one ``matmat`` a step.
 
-    Each column is normalized and runs its own recurrence; a column that breaks down stops
-    (its later entries are zero and ``lengths`` says how far it got) while the others go on.
-    The basis lives in a fixed ``(p, m, d)`` buffer (zeros where not yet filled), so every
-    step sees the same shapes.
+    Each row is normalized and runs its own recurrence; a run that breaks down stops (its
+    later entries are zero and ``lengths`` says how far it got) while the others go on.
+    With reorthogonalization (or ``keep_basis``) the vectors are kept in a :class:`Basis`,
+    written in place, and each step projects against the filled rows only.
     """
     xp = A.xp
-    d, p = V0.shape
-    eps = float(np.finfo(A._bk.dtype_name(A.dtype)).eps)
-    keep = reorthogonalize or keep_basis
-    step = kernel(A, _step_reorth if reorthogonalize else _step_plain)
-    advance = kernel(A, _advance if keep else _advance_plain)
-    eye = np.eye(m)
-    V = V0 / column_norms(xp, V0)[None, :]
-    V_prev = xp.zeros_like(V)
-    beta_prev = xp.zeros_like(V[0, :])
-    Qs = xp.zeros((p, m, d), dtype=A.dtype, **A._device_kw()) if keep else xp.zeros_like(V)
-    if keep:
-        Qs = _insert(xp, Qs, V, from_numpy(A, eye[0]))
-    alpha = np.zeros((p, m))
-    beta = np.zeros((p, m))
-    lengths = np.zeros(p, dtype=np.int64)
-    broken = np.zeros(p, dtype=bool)
-    active = np.ones(p, dtype=bool)
-    anorm = np.zeros(p)
+    p = V0.shape[0]
+    eps = A.eps
+    basis = Basis(A, p, m) if reorthogonalize or keep_basis else None
+    step, advance = A.kernel(three_term), A.kernel(_advance)
+    V = V0 / xp.sqrt(xp.sum(V0 * V0, axis=1))[:, None]
+    V_prev, beta_prev = xp.zeros_like(V), xp.zeros_like(V[:, 0])
+    if basis is not None:
+        V = basis.append(V)
+    alpha, beta = np.zeros((p, m)), np.zeros((p, m))
+    lengths, broken = np.zeros(p, dtype=np.int64), np.zeros(p, dtype=bool)
+    active, anorm = np.ones(p, dtype=bool), np.zeros(p)
     tiny = np.finfo(float).tiny
     num_matvecs = 0
-    bar = progress_bar(progress, m, desc)
+    bar = progress_bar(progress, m, algo)
     try:
         for j in range(m):
-            W, a, b = step(V, apply(A, V), V_prev, beta_prev, Qs)
+            AV = xp.permute_dims(apply(A, xp.permute_dims(V, (1, 0))), (1, 0))
             num_matvecs += p
-            a_np = to_numpy(A, a).astype(np.float64)
-            b_np = to_numpy(A, b).astype(np.float64)
-            alpha[active, j] = a_np[active]
-            beta[active, j] = b_np[active]
+            if reorthogonalize:
+                W, a_np, b_np, _ = basis.lanczos_step(V, AV, V_prev, beta_prev)
+            else:
+                W, stats = step(V, AV, V_prev, beta_prev)
+                a_np, b_np = to_host(A, stats)
+            check_finite_values([a_np[active], b_np[active]], algo, f"at Lanczos step {j}")
+            alpha[active, j], beta[active, j] = a_np[active], b_np[active]
             lengths[active] = j + 1
             prev = beta[:, j - 1] if j > 0 else 0.0
             anorm = np.maximum(anorm, np.abs(a_np) + b_np + prev)
@@ -218,55 +226,25 @@ def lanczos_block(
             bar.update(1)
             if j == m - 1 or not active.any():
                 break
-            e = from_numpy(A, eye[j + 1]) if keep else from_numpy(A, eye[0])
-            act = from_numpy(A, active, dtype=bool)
-            V_prev = V
-            V, Qs, beta_prev = advance(W, b, act, Qs, e)
+            # A stopped run goes on with zeros: its (finite, tiny) residual divided by inf.
+            V_prev, scale = V, np.where(active, b_np, np.inf)
+            V = advance(W, A.asarray(scale)) if basis is None else basis.append(W, scale)
+            beta_prev = A.asarray(np.where(active, b_np, 0.0))
     finally:
         bar.close()
-    basis = None
-    if keep_basis:
-        basis = [xp.permute_dims(Qs[:, i, :], (1, 0)) for i in range(m)]
     return BlockRun(alpha, beta, lengths, broken, basis, num_matvecs)
 
 
-def _project_out(xp: Any, Qs: Any, W: Any) -> Any:
-    """``W - Q (Q^T W)`` column by column, as batched matmuls; ``Qs`` is (p, m, d)."""
-    w = xp.permute_dims(W, (1, 0))[:, :, None]  # (p, d, 1)
-    coeff = Qs @ w  # (p, m, 1)
-    corr = xp.permute_dims(Qs, (0, 2, 1)) @ coeff  # (p, d, 1)
-    return W - xp.permute_dims(corr[:, :, 0], (1, 0))
+def three_term(xp: Any, V: Any, W: Any, V_prev: Any, beta_prev: Any) -> Any:
+    """``W - a V - beta_prev V_prev`` with ``a = V . W``, row by row; ``a`` and the norms
+    stacked for one read to the host."""
+    a = xp.sum(V * W, axis=1)
+    W = W - a[:, None] * V - beta_prev[:, None] * V_prev
+    return W, xp.stack([a, xp.sqrt(xp.sum(W * W, axis=1))])
 
 
-def _step_plain(xp: Any, V: Any, W: Any, V_prev: Any, beta_prev: Any, Qs: Any) -> Any:
-    a = xp.sum(V * W, axis=0)
-    W = W - a[None, :] * V - beta_prev[None, :] * V_prev
-    return W, a, xp.sqrt(xp.sum(W * W, axis=0))
-
-
-def _step_reorth(xp: Any, V: Any, W: Any, V_prev: Any, beta_prev: Any, Qs: Any) -> Any:
-    a = xp.sum(V * W, axis=0)
-    W = W - a[None, :] * V - beta_prev[None, :] * V_prev
-    # Full reorthogonalization, classical Gram-Schmidt twice ("twice is enough").
-    W = _project_out(xp, Qs, _project_out(xp, Qs, W))
-    return W, a, xp.sqrt(xp.sum(W * W, axis=0))
-
-
-def _insert(xp: Any, Qs: Any, V: Any, e: Any) -> Any:
-    # Qs[:, j, :] = V.T written as a one-hot update: no in-place writes, fixed shapes.
-    return Qs + xp.permute_dims(V, (1, 0))[:, None, :] * e[None, :, None]
-
-
-def _advance(xp: Any, W: Any, b: Any, act: Any, Qs: Any, e: Any) -> Any:
-    safe = xp.where(act, b, xp.ones_like(b))
-    V = xp.where(act[None, :], W / safe[None, :], xp.zeros_like(W))
-    return V, _insert(xp, Qs, V, e), xp.where(act, b, xp.zeros_like(b))
-
-
-def _advance_plain(xp: Any, W: Any, b: Any, act: Any, Qs: Any, e: Any) -> Any:
-    safe = xp.where(act, b, xp.ones_like(b))
-    V = xp.where(act[None, :], W / safe[None, :], xp.zeros_like(W))
-    return V, Qs, xp.where(act, b, xp.zeros_like(b))
+def _advance(xp: Any, W: Any, b: Any) -> Any:
+    return W / b[:, None]
 
 
 def tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

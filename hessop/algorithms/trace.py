@@ -6,22 +6,25 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from .._errors import unknown
 from ._common import (
     apply_chunked,
     as_operator,
-    check_distribution,
-    from_numpy,
-    leave_one_out,
+    choice,
+    chunk_option,
     new_rng,
-    positive_int,
-    random_probes,
+    nonfinite_product,
+    to_host,
+)
+from ._estimators import (
+    ProbeOptions,
+    draw,
+    exchangeable_sketch,
+    mean_and_error,
+    num_matvecs_option,
+    probe_options,
 )
 
 METHODS = ("hutchinson", "hutch++", "xtrace")
-_DEFAULT_DISTRIBUTION = {"hutchinson": "rademacher", "hutch++": "rademacher", "xtrace": "sphere"}
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,13 @@ class TraceResult:
 
 def trace(
     A: Any,
-    num_matvecs: int,
+    num_matvecs: int | None = None,
     *,
     method: str = "hutchinson",
     seed: Any = 0,
     distribution: str | None = None,
+    density: float | None = None,
+    probes: Any = None,
     chunk_size: int | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` from exactly ``num_matvecs`` products with ``A``.
@@ -60,21 +65,36 @@ def trace(
     A :
         A :class:`hessop.LinearOperator`, dense array or scipy operator.
     num_matvecs : int
-        The exact number of products to spend.
+        The exact number of products to spend (fixed by ``probes`` when given).
     method : {"hutchinson", "hutch++", "xtrace"}
         The estimator (see Notes).
     seed :
         Seed of the private numpy generator drawing the probes (the same numbers in every
         framework); global RNG state is untouched.
-    distribution : {"rademacher", "gaussian", "sphere"}, optional
+    distribution : {"rademacher", "sparse-rademacher", "gaussian", "sphere"}, optional
         Probe distribution; default Rademacher, and the sphere of radius ``sqrt(d)`` for
-        XTrace.
+        XTrace. ``"sparse-rademacher"`` entries are ``+-1/sqrt(density)`` with probability
+        ``density / 2`` each and 0 otherwise, so that ``E z z^T = I`` still holds.
+    density : float, optional
+        The fraction of nonzero entries of sparse Rademacher probes, in (0, 1]; default 0.1.
+    probes :
+        Your own probe vectors, a ``(d, n)`` array (numpy or the operator's framework),
+        used instead of drawn ones; they should satisfy ``E z z^T = I`` for an unbiased
+        estimate. ``"hutchinson"`` uses each column once (``n`` products); ``"hutch++"``
+        sketches the range with the first ``n // 2`` columns and runs Hutchinson with the
+        rest (``n + n // 2`` products); ``"xtrace"`` uses all ``n`` exchangeably (``2 n``
+        products; its normalization for sphere probes only with ``distribution="sphere"``).
     chunk_size : int, optional
         Columns per ``matmat`` call (default: all at once).
 
     Returns
     -------
     TraceResult
+
+    Raises
+    ------
+    NonFiniteError
+        When the probes or the operator's products hold NaN or infinity.
 
     Notes
     -----
@@ -101,6 +121,17 @@ def trace(
     for such an operator). All probes of one call go through one ``A.matmat`` per phase
     (split into ``chunk_size`` columns when given, to bound memory).
 
+    **How many products for what error.** One Hutchinson sample has variance
+    ``2 sum_{i != j} A_ij^2`` with Rademacher probes, ``2 ||A||_F^2`` with Gaussian ones,
+    and ``2 sum_{i != j} A_ij^2 + (1/density - 1) sum_i A_ii^2`` with sparse Rademacher
+    ones (sparser probes are cheaper to form, never more accurate); the error of the mean
+    falls as ``1 / sqrt(m)``: a relative error ``eps`` needs about
+    ``2 ||A||_F^2 / (eps tr A)^2`` products. For a positive semi-definite A, Hutch++ and
+    XTrace reach relative error ``eps`` with ``O(1 / eps)`` products (Meyer et al.), and
+    far fewer when the spectrum decays fast, as Hessian spectra do: XTrace is then exact
+    once ``num_matvecs / 2`` exceeds the numerical rank. ``std_error`` estimates the error
+    of the call at hand.
+
     Examples
     --------
     >>> import numpy as np, hessop
@@ -110,88 +141,80 @@ def trace(
     30
     >>> abs(float(res.estimate) - 1275.0) < 3 * float(res.std_error) + 1e-8
     True
+
+    Your own probes, e.g. Rademacher columns drawn elsewhere (``z^T A z`` is then exact for
+    a diagonal A), and sparse Rademacher probes, rescaled so that ``E z z^T = I``:
+
+    >>> Z = np.random.default_rng(1).choice([-1.0, 1.0], size=(50, 8))
+    >>> res = hessop.trace(A, probes=Z)
+    >>> res.num_matvecs, float(res.estimate)
+    (8, 1275.0)
+    >>> res = hessop.trace(A, 2000, distribution="sparse-rademacher", density=0.1, seed=0)
+    >>> bool(abs(float(res.estimate) - 1275.0) < 4 * float(res.std_error))
+    True
     """
     A = as_operator(A)
-    if method not in METHODS:
-        raise unknown("method", method, METHODS)
-    num_matvecs = positive_int(num_matvecs, "num_matvecs")
-    dist = _DEFAULT_DISTRIBUTION[method] if distribution is None else distribution
-    check_distribution(dist)
-    rng = new_rng(seed)
-    if method == "hutchinson":
-        return _hutchinson(A, num_matvecs, rng, dist, chunk_size)
-    if method == "hutch++":
-        if num_matvecs < 3:
-            raise ValueError(f"hutch++ needs num_matvecs >= 3, got {num_matvecs}")
-        return _hutchpp(A, num_matvecs, rng, dist, chunk_size)
-    if num_matvecs < 4 or num_matvecs % 2:
+    method = choice(method, "method", METHODS)
+    opts = probe_options(A, "trace", method, probes, distribution, density)
+    num = num_matvecs_option(num_matvecs, method, opts)
+    chunk = chunk_option(chunk_size)
+    if method == "hutch++" and num < 3:
+        raise ValueError(f"hutch++ needs num_matvecs >= 3 (2 probes), got {num}")
+    if method == "xtrace" and (num < 4 or num % 2):
         raise ValueError(
-            f"xtrace spends its products in pairs and needs an even num_matvecs >= 4, got "
-            f"{num_matvecs}; pass {max(4, num_matvecs - num_matvecs % 2)}"
+            f"xtrace spends its products in pairs and needs an even num_matvecs >= 4 "
+            f"(2 probes), got {num}; pass {max(4, num - num % 2)}"
         )
-    return _xtrace(A, num_matvecs, rng, dist, chunk_size)
+    run = {"hutchinson": _hutchinson, "hutch++": _hutchpp, "xtrace": _xtrace}[method]
+    est, err = run(A, num, opts, new_rng(seed), chunk)
+    if not math.isfinite(float(to_host(A, est))):
+        raise nonfinite_product("trace", "with its probe vectors (the estimate overflowed)")
+    return TraceResult(est, err, num)
 
 
-def _mean_and_error(xp: Any, samples: Any) -> tuple[Any, Any]:
-    m = samples.shape[0]
-    est = xp.mean(samples)
-    if m < 2:
-        return est, est * float("nan")
-    return est, xp.std(samples, correction=1) / math.sqrt(m)
-
-
-def _hutchinson(A: Any, m: int, rng: Any, dist: str, chunk: int | None) -> TraceResult:
+def _hutchinson(A: Any, m: int, opts: ProbeOptions, rng: Any, chunk: int | None) -> Any:
     xp = A.xp
-    Z = from_numpy(A, random_probes(rng, A.shape[0], m, dist))
-    samples = xp.sum(Z * apply_chunked(A, Z, chunk), axis=0)
-    est, err = _mean_and_error(xp, samples)
-    return TraceResult(est, err, m)
+    Z = draw(A, opts, rng, m)
+    samples = xp.sum(Z * apply_chunked(A, Z, chunk, "trace"), axis=0)
+    return mean_and_error(xp, samples, axis=0)
 
 
-def _hutchpp(A: Any, m: int, rng: Any, dist: str, chunk: int | None) -> TraceResult:
+def _hutchpp(A: Any, m: int, opts: ProbeOptions, rng: Any, chunk: int | None) -> Any:
     xp = A.xp
-    d = A.shape[0]
-    s = m // 3
-    g = m - 2 * s
-    S = from_numpy(A, random_probes(rng, d, s, dist))
-    G = from_numpy(A, random_probes(rng, d, g, dist))
-    Q, _ = xp.linalg.qr(apply_chunked(A, S, chunk))
-    low_rank = xp.sum(Q * apply_chunked(A, Q, chunk))
+    if opts.user is not None:
+        s = int(opts.user.shape[1]) // 2
+        S, G = opts.user[:, :s], opts.user[:, s:]
+    else:
+        s = m // 3
+        S, G = draw(A, opts, rng, s), draw(A, opts, rng, m - 2 * s)
+    Q, _ = xp.linalg.qr(apply_chunked(A, S, chunk, "trace"))
+    low_rank = xp.sum(Q * apply_chunked(A, Q, chunk, "trace"))
     Gp = G - Q @ (Q.T @ G)
-    samples = xp.sum(Gp * apply_chunked(A, Gp, chunk), axis=0)
-    rest, err = _mean_and_error(xp, samples)
-    return TraceResult(low_rank + rest, err, m)
+    samples = xp.sum(Gp * apply_chunked(A, Gp, chunk, "trace"), axis=0)
+    rest, err = mean_and_error(xp, samples, axis=0)
+    return low_rank + rest, err
 
 
-def _xtrace(A: Any, num: int, rng: Any, dist: str, chunk: int | None) -> TraceResult:
+def _xtrace(A: Any, num: int, opts: ProbeOptions, rng: Any, chunk: int | None) -> Any:
     # Epperly, Tropp & Webber (2024), Algorithm "xtrace"; A is only used through products.
     # Probe i: tr(P_i A) + w_i^T (I - P_i) A (I - P_i) w_i with P_i the projector onto
     # the span of the other probes' products A w_j; all terms reduce to m x m algebra.
     xp = A.xp
     d = A.shape[0]
     m = num // 2
-    if m >= d:
-        raise ValueError(
-            f"xtrace with num_matvecs={num} uses {m} probes, which needs m < d={d}; use fewer "
-            "products (or hessop.diagonal(A, method='exact') for the exact trace)"
-        )
-    Om = from_numpy(A, random_probes(rng, d, m, dist))
-    Y = apply_chunked(A, Om, chunk)
-    Q, R = xp.linalg.qr(Y)
-    W = Q.T @ Om
-    Z = apply_chunked(A, Q, chunk)
-    H = Q.T @ Z
+    sk = exchangeable_sketch(A, draw(A, opts, rng, m), chunk, "trace", transpose=False)
+    R, T = sk.R, sk.T  # T = Z^T Omega = Q^T A^T Omega
+    W = sk.Q.T @ sk.Om
+    H = sk.Q.T @ sk.Z
     HW = H @ W
-    T = Z.T @ Om  # = Q^T A^T Omega
-    kind, K = leave_one_out(A, R)
 
     def dprod(X: Any, Y: Any) -> Any:  # diag(X^T Y)
         return xp.sum(X * Y, axis=0)
 
     dWHW = dprod(W, HW)
     dTW = dprod(T, W)
-    if kind == "vector":
-        S = K
+    if sk.kind == "vector":
+        S = sk.K
         dSW = dprod(S, W)  # c_i = s_i^T w_i
         cc = dSW * dSW
         low = xp.linalg.trace(H) - dprod(S, H @ S)
@@ -199,7 +222,7 @@ def _xtrace(A: Any, num: int, rng: Any, dist: str, chunk: int | None) -> TraceRe
         ranks = m - 1
     else:
         parts_low, parts_cross, parts_cc, rank_list = [], [], [], []
-        for i, Ki in enumerate(K):
+        for i, Ki in enumerate(sk.K):
             w, r, t = W[:, i], R[:, i], T[:, i]
             c = Ki.T @ w
             KHK = Ki.T @ H @ Ki
@@ -212,13 +235,12 @@ def _xtrace(A: Any, num: int, rng: Any, dist: str, chunk: int | None) -> TraceRe
             parts_cc.append(xp.sum(c * c))
             rank_list.append(m - Ki.shape[1])
         low, cross, cc = xp.stack(parts_low), xp.stack(parts_cross), xp.stack(parts_cc)
-        ranks = from_numpy(A, np.array(rank_list, dtype=np.float64))
-    if dist == "sphere":
+        ranks = A.asarray(rank_list)
+    if opts.distribution == "sphere":
         # Improved normalization: rescale each residual probe to its projected length, in
         # the (d - rank P_i)-dimensional complement where it is uniformly distributed.
         scale = (d - ranks) / (d - dprod(W, W) + cc)
     else:
         scale = 1.0
     ests = low + (dWHW - dTW + cross) * scale
-    est, err = _mean_and_error(xp, ests)
-    return TraceResult(est, err, num)
+    return mean_and_error(xp, ests, axis=0)

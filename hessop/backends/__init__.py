@@ -100,24 +100,47 @@ register_backend("torch", "hessop.backends.torch", _module_is("torch"), extra="t
 register_backend("jax", "hessop.backends.jax", _module_is("jax", "jaxlib"), extra="jax")
 
 
-def available_backends(installed: bool = False) -> list[str]:
-    """Names of the registered backends; with ``installed=True`` only those whose framework
-    is installed (found without importing it).
+#: the top-level modules a built-in backend's framework needs (numpy is always there)
+_FRAMEWORK_MODULES: dict[str, tuple[str, ...]] = {"torch": ("torch",), "jax": ("jax", "jaxlib")}
 
-    >>> "numpy" in available_backends(), "numpy" in available_backends(installed=True)
-    (True, True)
+
+def available_backends(installed: bool = False) -> list[str]:
+    """Names of the registered backends, or only of those whose framework is installed.
+
+    Parameters
+    ----------
+    installed : bool
+        ``False`` (default): every registered name, installed or not (what ``backend=``
+        accepts). ``True``: only the backends that can be loaded: ``"numpy"``, ``"torch"``
+        when torch is installed, ``"jax"`` when jax and jaxlib are, and every backend
+        registered with :func:`register_backend` (its loader is the user's). The check
+        asks :func:`importlib.util.find_spec` and imports no framework.
+
+    Returns
+    -------
+    list of str
+        In registration order.
+
+    Examples
+    --------
+    >>> import hessop
+    >>> hessop.available_backends()
+    ['numpy', 'torch', 'jax']
+    >>> "numpy" in hessop.available_backends(installed=True)
+    True
     """
     if not isinstance(installed, bool):
         raise TypeError(f"installed must be True or False, got {installed!r}")
     if not installed:
         return list(_REGISTRY)
-    out = []
-    for name, (loader, _, _) in _REGISTRY.items():
-        if name in _LOADED or callable(loader):
-            out.append(name)
-        elif importlib.util.find_spec(name if name in ("torch", "jax") else "numpy") is not None:
-            out.append(name)
-    return out
+    return [n for n in _REGISTRY if all(map(_has_module, _FRAMEWORK_MODULES.get(n, ())))]
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # in sys.modules without a spec: imported some other way, so present
+        return True
 
 
 def _load(name: str) -> Backend:

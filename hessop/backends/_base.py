@@ -24,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import DeviceError, DTypeError
+from .._errors import DeviceError, DTypeError, EmptyDataError
+
+#: whether a dtype is a real floating type, by dtype object (asked on every call)
+_FLOATING: dict[Any, bool] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +100,15 @@ class Backend:
         return str(dtype).replace("torch.", "")
 
     def is_floating(self, dtype: Any) -> bool:
-        return self.dtype_name(dtype) in ("float16", "bfloat16", "float32", "float64")
+        try:
+            return _FLOATING[dtype]
+        except (KeyError, TypeError):  # a dtype not seen yet (or unhashable)
+            answer = self.dtype_name(dtype) in ("float16", "bfloat16", "float32", "float64")
+        try:
+            _FLOATING[dtype] = answer
+        except TypeError:
+            pass
+        return answer
 
     def eps(self, dtype: Any) -> float:
         return float(np.finfo(self.dtype_name(dtype)).eps)
@@ -187,7 +198,7 @@ class Backend:
         raise NotImplementedError(f"the {self.name!r} backend has no automatic differentiation")
 
     def reducer(self, process_group: Any) -> Any:
-        """The :class:`hessop.distributed.Reducer` for ``distributed=True``."""
+        """The :class:`Reducer` for ``distributed=True``."""
         from .._errors import DistributedError
 
         raise DistributedError(f"distributed=True is not implemented for the {self.name!r} backend")
@@ -246,6 +257,12 @@ class CurvatureKernel:
         came out exactly zero, to tell a loss that ignores them from a flat one)."""
         return True
 
+    def dependence_known(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> bool | None:
+        """Whether the loss depends on the parameters, when the kernel knows it cheaply (its
+        products raise for a loss that does not, or it cached the answer); None otherwise,
+        and the operator examines its first product instead."""
+        return None
+
     def warm_up(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> float:
         """Compile everything a product will run, for this batch's shapes; return the
         seconds it took (0.0 when nothing had to be compiled)."""
@@ -254,6 +271,35 @@ class CurvatureKernel:
     def share_as(self, key: Any) -> None:
         """Offer this kernel's compiled functions under another share key (the state the
         loss left behind after its own evaluation)."""
+
+
+class Reducer:
+    """How a process's share of a product becomes the product over all the data.
+
+    :class:`~hessop.HessianOperator` calls these hooks; the defaults do nothing, which is
+    the single-process operator. A reducer for another framework or transport subclasses
+    this and implements the hooks it needs.
+    """
+
+    def prepare(self, leaves: list[Any], device: Any) -> tuple[list[Any], Any]:
+        """Once, at construction: check the setup; return the leaves and the operator's
+        device (where its vectors live)."""
+        return leaves, device
+
+    def shard_batch(self, args: tuple[Any, ...], dtype: Any) -> tuple[Any, ...]:
+        """Place one local batch where the per-batch functions expect it."""
+        return args
+
+    def replicate(self, x: Any) -> Any:
+        """Place an input vector (or block) where the per-batch functions expect it."""
+        return x
+
+    def reduce(self, acc: Any, total: int, zero: Callable[[], Any]) -> tuple[Any, float]:
+        """Combine the local size-weighted sum ``acc`` (None when this process had no
+        batch; ``zero()`` builds its zeros) and the local number of samples ``total``."""
+        if acc is None:
+            raise EmptyDataError("data= yielded no batch; pass a non-empty iterable of batches")
+        return acc, total
 
 
 class Transforms:

@@ -1,6 +1,5 @@
-"""Model helpers: reference architectures shared by tests, benchmarks and ``hessop bench``."""
+"""Model-level curvature: ``model_hessian``, ``model_hvp``, ``model_ggn``, ``model_fisher``.
 
-from hessop.models import reference
-from hessop.models.reference import REFERENCE_MODELS, ReferenceSpec, get_reference
-
-__all__ = ["REFERENCE_MODELS", "ReferenceSpec", "get_reference", "reference"]
+The public functions are re-exported by :mod:`hessop`. The reference models used by the
+tests and ``hessop bench`` live in :mod:`hessop.bench.reference`.
+"""

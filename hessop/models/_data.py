@@ -63,7 +63,8 @@ class ModelBatches:
 
     Iterating it iterates ``data`` once with the global RNG states preserved (a shuffling
     ``DataLoader`` draws its permutation from torch's generator), so every pass sees the
-    same order and the user's generators are left as they were.
+    same order and the user's generators are left as they were. A list or tuple of batches
+    draws nothing when iterated: it is iterated as it is.
     """
 
     def __init__(
@@ -81,8 +82,13 @@ class ModelBatches:
         if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
             raise EmptyDataError("data= is empty; pass at least one batch")
         self.data, self.convert, self.backend, self.device = data, convert, backend, device
+        self._plain = isinstance(data, (list, tuple))
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if self._plain:
+            for item in self.data:
+                yield self.convert(as_pair(item))
+            return
         with _rng.preserve(self.backend, self.device):
             for item in self.data:
                 yield self.convert(as_pair(item))

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..._errors import ShapeError
 from ..._pytree import collect_arrays, map_arrays
-from ...distributed import Reducer
+from .._base import Reducer
 
 
 class MeshReducer(Reducer):

@@ -110,6 +110,19 @@ class JaxHessianKernel(CurvatureKernel):
 
         return output_depends_on_input(lambda p: self.loss(list(p), args), tuple(point))
 
+    def dependence_known(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> bool | None:
+        # Read off the jaxpr once per compiled functions and shapes (a trace, which the
+        # first compilation pays anyway); operators sharing the functions reuse the answer.
+        arrays = jax.tree_util.tree_leaves((point, args))
+        if any(isinstance(x, jax.core.Tracer) for x in arrays):
+            return None
+        signature = tuple((tuple(x.shape), str(getattr(x, "dtype", ""))) for x in arrays)
+        known = self.fns.dependence.get(signature)
+        if known is None:
+            with _translated():
+                known = self.fns.dependence[signature] = self.depends_on_point(point, args)
+        return known
+
     def warm_up(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> float:
         """Compile every function a product will call, on this batch; the seconds that
         took, or 0.0 when an earlier operator of the same loss compiled them for the same
@@ -222,6 +235,7 @@ def _functions(loss: Any, mode: str) -> SimpleNamespace:
         value_and_grad=jax.jit(value_and_flat_grad),
         dense=jax.jit(jax.hessian(flat_loss)),
         compiled_for=set(),  # input signatures warm_up has compiled (see warm_up)
+        dependence={},  # input signature -> whether the loss depends on the point
     )
     if mode in ("dense", "finite-difference"):
         return fns

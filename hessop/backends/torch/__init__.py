@@ -18,9 +18,12 @@ from typing import Any
 import array_api_compat.torch as xp_torch
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 
 from ..._errors import DeviceError, LossError
 from .._base import Backend
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 _DTYPES = {
     "float16": torch.float16,
@@ -39,17 +42,16 @@ def bit_sum(x: torch.Tensor) -> int:
     """The sum of a tensor's contents read as 64-bit integers (wrapping): exact,
     independent of the summation order, and changed by any change of a single element."""
     t = x.detach()
-    if t.numel() == 0:
-        return 0
     if not t.is_contiguous():
         t = t.contiguous()
-    raw = t.reshape(-1).view(torch.uint8)
-    n8 = raw.numel() // 8 * 8
-    try:
-        total = int(raw[:n8].view(torch.int64).sum())
-    except RuntimeError:  # a view whose offset is not 8-byte aligned
-        total = int(raw[:n8].view(torch.int32).to(torch.int64).sum())
-    return total + 257 * int(raw[n8:].to(torch.int64).sum())
+    flat = t.view(-1)
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes % 8 == 0 and flat.data_ptr() % 8 == 0:
+        return int(flat.view(torch.int64).sum()) if nbytes else 0
+    raw = flat.view(torch.uint8)  # odd sizes and unaligned views: 8-byte words, then bytes
+    n8 = nbytes // 8 * 8
+    head = int(raw[:n8].view(torch.int32).to(torch.int64).sum()) if n8 else 0
+    return head + 257 * int(raw[n8:].to(torch.int64).sum())
 
 
 class TorchBackend(Backend):
@@ -66,9 +68,10 @@ class TorchBackend(Backend):
 
     def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Any:
         if isinstance(x, torch.Tensor):
-            return x.to(
-                dtype=self.dtype(dtype) if dtype is not None else x.dtype, device=device or x.device
-            )
+            dtype = self.dtype(dtype) if dtype is not None else x.dtype
+            if x.dtype == dtype and (device is None or x.device == device):
+                return x  # already there (the common case: no dispatch)
+            return x.to(dtype=dtype, device=device or x.device)
         if isinstance(x, np.ndarray) and not x.flags.writeable:
             x = x.copy()  # torch warns on read-only buffers (e.g. from JAX)
         # hessop's own copy must be differentiable, also when made under inference mode
@@ -135,19 +138,17 @@ class TorchBackend(Backend):
 
     # --- state ----------------------------------------------------------------------------
     def fingerprint(self, x: Any) -> Any:
-        if x.device.type == "meta" or self.is_tracer(x):
+        if self.is_tracer(x) or x.is_meta:
             return None
         return bit_sum(x)
 
     def memory_key(self, x: Any) -> Any:
-        if self.is_tracer(x) or x.device.type == "meta":
+        if self.is_tracer(x) or x.is_meta:
             return None
         return (x.data_ptr(), x.dtype, tuple(x.shape), x.stride(), x.device)
 
     def is_tracer(self, x: Any) -> bool:
-        from torch._subclasses.fake_tensor import is_fake
-
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x) or is_fake(x))
+        return bool(_is_wrapped(x)) or isinstance(x, _FakeTensor)
 
     def watch_object(self, watch: Any, obj: Any, label: str) -> bool:
         if not isinstance(obj, torch.nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..._errors import DistributedError, EmptyDataError
-from ...distributed import Reducer
+from .._base import Reducer
 
 
 class TorchReducer(Reducer):

@@ -169,13 +169,12 @@ class TorchHessianKernel(CurvatureKernel):
             if not loss.requires_grad:
                 raise self.loss.independent_error()
             grads = torch.autograd.grad(
-                loss,
-                leaves,
-                allow_unused=True,
-                materialize_grads=True,
-                create_graph=self.differentiable,
+                loss, leaves, allow_unused=True, create_graph=self.differentiable
             )
-        return (loss if self.differentiable else loss.detach()), self.join(list(grads))
+        if all(g is None for g in grads):
+            raise self.loss.independent_error()
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+        return (loss if self.differentiable else loss.detach()), self.join(grads)
 
     def dense(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> Any:
         def flat_loss(w: Any) -> Any:
@@ -190,6 +189,10 @@ class TorchHessianKernel(CurvatureKernel):
             except (RuntimeError, NotImplementedError) as err:
                 raise translate_error(err, "dense") from err
         return H if self.differentiable else H.detach()
+
+    def dependence_known(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> bool | None:
+        # reverse-over-reverse products and every gradient raise for an independent loss
+        return True if self.mode == "reverse-over-reverse" else None
 
     def depends_on_point(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> bool:
         with autodiff_context():

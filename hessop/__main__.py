@@ -1,0 +1,7 @@
+"""``python -m hessop``: the ``hessop`` command line."""
+
+import sys
+
+from hessop.cli import main
+
+sys.exit(main())
