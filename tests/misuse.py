@@ -26,7 +26,6 @@ BOTH = ("torch", "jax")
 #: the exceptions a misuse may raise: hessop's own, or a ValueError / TypeError naming the
 #: argument (the contract); NotImplementedError for an operator without rmatvec
 ALLOWED = (hessop.HessopError, ValueError, TypeError, NotImplementedError)
-ALGOS_XFAIL = "algorithms hardening lands from the algos branch"
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,6 @@ class Case:
     match: str = ""
     check: Callable[[Any, str], None] | None = None
     backends: tuple[str, ...] = BOTH
-    xfail: str | None = None
 
     def __post_init__(self) -> None:
         if (self.raises is None) == (self.check is None):
@@ -87,8 +85,6 @@ def params(cases: list[Case]) -> list[Any]:
     for case in cases:
         for b in case.backends:
             marks = [pytest.mark.skipif(not _available(b), reason=f"{b} not installed")]
-            if case.xfail:
-                marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
             out.append(pytest.param(case, b, id=f"{case.id}-{b}", marks=marks))
     return out
 
