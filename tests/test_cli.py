@@ -128,7 +128,7 @@ def test_progress_without_a_terminal_is_a_line_per_phase(quick_subprocess):
     # per framework: building the case, the warm-up calls, the timed rounds
     assert len(lines) == 3 * len(quick_subprocess[0].stdout.split(" / mlp")[:-1])
     assert re.match(r"hessop bench: (torch|jax) mlp: build, 1 case in", lines[0])
-    assert "warm-up, 10 calls in" in lines[1] and "timing, 50 calls in" in lines[2]
+    assert "warm-up, 13 calls in" in lines[1] and "timing, 65 calls in" in lines[2]
     assert all("left" in line for line in lines[:-1])
 
 
@@ -447,6 +447,9 @@ def test_new_rows_plug_into_the_registry(monkeypatch):
         "matvec",
         "hand:matvec",
         "matmat",
+        "model:build",
+        "model:hvp",
+        "model:model_hvp",
         "custom:double-gradient",
     ]
     assert case.memory_names() == ["gradient", "hvp:rev-rev"]
