@@ -439,7 +439,8 @@ ESTIMATORS = numpy_rows(
         "xdiag-odd",
         lambda b: hessop.diagonal(SPD, 3, method="xdiag"),
         ValueError,
-        r"xdiag spends its products in pairs and needs an even num_matvecs >= 4 \(2 probes\), got 3",
+        r"xdiag spends its products in pairs and needs an even num_matvecs >= 4 \(2 probes\), "
+        r"got 3",
     ),
     err(
         "xdiag-too-many",
@@ -528,8 +529,20 @@ ESTIMATORS += numpy_rows(
     err(
         "density-empty-operator",
         lambda b: hessop.spectral_density(np.zeros((0, 0))),
-        ValueError,
-        r"(empty|size 0|0x0|d=0)",
+        E.ShapeError,
+        r"A is empty \(shape \(0, 0\)\)",
+    ),
+    err(
+        "cg-empty-operator",
+        lambda b: hessop.cg(np.zeros((0, 0)), np.zeros(0)),
+        E.ShapeError,
+        r"A is empty \(shape \(0, 0\)\)",
+    ),
+    err(
+        "eigsh-empty-operator",
+        lambda b: hessop.eigsh(np.zeros((0, 0)), 1),
+        E.ShapeError,
+        r"A is empty \(shape \(0, 0\)\)",
     ),
 )
 ESTIMATORS += [
