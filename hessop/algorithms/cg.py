@@ -310,7 +310,7 @@ def _direction(xp: Any, R: Any, Z: Any, P: Any, rz: Any, act: Any) -> Any:
 def _preconditioner(A: LinearOperator, M: Any) -> LinearOperator | None:
     if M is None:
         return None
-    if callable(M) and not hasattr(M, "shape") and not isinstance(M, LinearOperator):
+    if callable(M) and not hasattr(M, "shape"):  # a LinearOperator has a shape
         return aslinearoperator(
             M,
             shape=A.shape,
