@@ -332,7 +332,7 @@ MODELS = torch_rows(
         "hvp-v-length",
         lambda b: model_hvp(torch.ones(5, dtype=torch.float64)),
         E.ShapeError,
-        r"matvec expects an array of shape \(26,\), got \(5,\)",
+        r"v has shape \(5,\); pass a flat vector of length 26",
     ),
     err(
         "hvp-v-2d",

@@ -372,7 +372,7 @@ def model_hvp(
     H = model_hessian(model, loss_fn, (x, y), params=params, backend=backend, mode=mode, **kw)
     spec = H.spec
     if _pytree.is_array(v) and (spec.root is not None or len(v.shape) == 1):
-        if len(v.shape) != 1:
+        if tuple(v.shape) != (H.shape[0],):
             raise ShapeError(
                 f"v has shape {tuple(v.shape)}; pass a flat vector of length {H.shape[0]} or "
                 f"a params-shaped pytree ({spec.describe()})"
