@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -38,7 +38,7 @@ def integer(value: Any, name: str, minimum: int | None = None) -> int:
     ValueError: k must be an integer >= 1, got 0
     """
     want = "an integer" if minimum is None else f"an integer >= {minimum}"
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be {want}, got {value!r}")

@@ -10,6 +10,7 @@ central differences of two gradients.
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,12 +19,13 @@ import numpy as np
 
 from . import _checks, _pytree
 from ._errors import DTypeError, EmptyDataError, ShapeError, unknown
-from ._inputs import convert_arg
+from ._inputs import check_framework, convert_arg
 from ._loss import Loss
+from ._operator import native_dtype
 from ._sharing import ShareKey
 from ._state import StateWatch
 from ._streamed import REDUCTIONS, Batches, StreamedOperator
-from .backends import Backend, get_backend, infer_backend, resolve_backend
+from .backends import Backend, get_backend, resolve_backend
 from .backends._base import KernelOptions
 
 #: canonical mode names, in the order they are documented
@@ -94,14 +96,15 @@ class HessianOperator(StreamedOperator):
 
     def _product(self, args: tuple[Any, ...], V: Any) -> Any:
         if self.mode == "dense":
-            return self._dense_matrix(args) @ V
+            return self._dense_matrix(args, keep=not self._bk.is_tracer(V)) @ V
         if self.mode == "finite-difference":
             return self._finite_difference(args, V)
         return super()._product(args, V)
 
-    def _dense_matrix(self, args: tuple[Any, ...]) -> Any:
-        if self.batches.streamed or self.differentiable:
-            return self._kernel.dense(self._point, args)  # never keep one matrix per batch
+    def _dense_matrix(self, args: tuple[Any, ...], keep: bool = True) -> Any:
+        if self._dense is None and (self.batches.streamed or self.differentiable or not keep):
+            # never one matrix per batch, nor one holding a JAX transformation's tracers
+            return self._kernel.dense(self._point, args)
         with self._dense_lock:
             if self._dense is None:
                 self._dense = self._kernel.dense(self._point, args)
@@ -113,14 +116,12 @@ class HessianOperator(StreamedOperator):
             return xp.stack(
                 [self._finite_difference(args, V[:, j]) for j in range(V.shape[1])], axis=1
             )
-        vnorm = float(self.to_numpy(xp.linalg.vector_norm(V)))
-        if vnorm == 0.0:
-            return xp.zeros_like(V)
         w = _pytree.ravel(xp, self.spec, list(self._point))
         # Central differences: error O(h^2) from truncation vs O(eps/h) from rounding; the
-        # balance is at h ~ eps^(1/3), scaled to the size of the point.
-        wnorm = float(self.to_numpy(xp.linalg.vector_norm(w)))
-        h = self.eps ** (1 / 3) * max(1.0, wnorm) / vnorm
+        # balance is at h ~ eps^(1/3), scaled to the size of the point. Computed as arrays,
+        # not host numbers: no device sync, and it runs under a JAX transformation.
+        vnorm, wnorm = xp.linalg.vector_norm(V), xp.linalg.vector_norm(w)
+        h = self.eps ** (1 / 3) * xp.where(wnorm > 1, wnorm, 1.0) / xp.where(vnorm > 0, vnorm, 1.0)
 
         def grad_at(x: Any) -> Any:
             return self._kernel.gradient(tuple(_pytree.unravel(xp, self.spec, x)), args)[1]
@@ -151,6 +152,11 @@ def build_hessian(
         mode = backend.auto_compiled_mode if compile else backend.auto_mode
     if compile:
         _check_compile(backend, mode, differentiable)
+        if loss.seed is not None:
+            raise ValueError(
+                "compile=True cannot be combined with allow_randomness: a compiled product "
+                "does not re-seed the generators per call; pass compile=False"
+            )
     # A kept graph would be shared by every differentiable product, and the caller's first
     # backward through one of them would free it under the others.
     default_cache = not batches.streamed and not differentiable
@@ -342,6 +348,8 @@ def hessian(
     # tensors are not (the operator watches them instead).
     leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
     leaves = [bk.stop_gradient(bk.asarray(x, dtype=native_dtype, device=dev)) for x in leaves]
+    for i, x in enumerate(leaves):
+        bk.check_argument(x, f"parameter leaf {i}")
     for x in _pytree.collect_arrays(args):  # fail here, not deep inside the first product
         if bk.owns(x):
             bk.check_device(x, dev, "an argument of the loss")
@@ -406,7 +414,9 @@ def make_batches(
     def convert(batch_args: tuple[Any, ...]) -> tuple[Any, ...]:
         if reducer is not None:
             batch_args = reducer.shard_batch(batch_args, dtype)
-        return tuple(_pytree.map_arrays(lambda x: convert_arg(bk, x, dtype, device), batch_args))
+        out = tuple(_pytree.map_arrays(lambda x: convert_arg(bk, x, dtype, device), batch_args))
+        _pytree.tree_map(lambda x: bk.check_argument(x, "an argument of the loss"), out)
+        return out
 
     batches = Batches(
         convert(args) if data is None else None,
@@ -454,12 +464,18 @@ def place(bk: Backend, leaves: list[Any], device: Any, dtype: Any) -> tuple[Any,
     empty = True
     for i, x in enumerate(leaves):
         if not hasattr(x, "dtype"):
+            if isinstance(x, bool) or not isinstance(x, numbers.Real):
+                raise DTypeError(
+                    f"parameter leaf {i} is a Python {type(x).__name__}, not an array; the "
+                    "parameters must be floating point arrays (or real numbers)"
+                )
             empty = False  # a Python number
             continue
         empty = empty and math.prod(x.shape) == 0
         native = bk.owns(x)
+        name = bk.name if native else check_framework(bk, x, f"parameter leaf {i}")
         if x.dtype not in dtypes:
-            bk_x = bk if native else get_backend(infer_backend(x) or bk.name)
+            bk_x = bk if native else get_backend(name or bk.name)
             bk_x.check_floating(x.dtype, f"parameter leaf {i}")
             dtypes[x.dtype] = bk_x.dtype_name(x.dtype)
         if device is None and native:
@@ -470,9 +486,7 @@ def place(bk: Backend, leaves: list[Any], device: Any, dtype: Any) -> tuple[Any,
             "differentiate; pass the parameters the loss depends on"
         )
     if dtype is not None:
-        native = bk.dtype(dtype)
-        bk.check_floating(native, "dtype=")
-        return dev, native
+        return dev, native_dtype(bk, dtype, "dtype=")
     names = set(dtypes.values()) or {"float64"}  # Python floats as leaves
     if len(names) > 1:
         raise DTypeError(

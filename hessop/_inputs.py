@@ -15,22 +15,31 @@ from . import _pytree
 from .backends import Backend, infer_backend
 
 
+def check_framework(bk: Backend, x: Any, what: str, hint: str = "") -> str | None:
+    """The framework of ``x`` (None for non-arrays); a ``TypeError`` naming ``what`` when it
+    is neither numpy nor ``bk``'s: silently converting across frameworks would copy (and
+    maybe move) every batch."""
+    name = infer_backend(x)
+    if name not in (None, "numpy", bk.name):
+        raise TypeError(
+            f"{what} is a {name} array but the operator uses {bk.name}; pass {bk.name} or "
+            f"numpy arrays{hint}"
+        )
+    return name
+
+
+#: what to do with a DataLoader of the other framework
+BATCH_HINT = " (for a torch DataLoader feeding JAX, convert each batch to numpy)"
+
+
 def convert_arg(bk: Backend, x: Any, dtype: Any, device: Any) -> Any:
     """An argument of the loss as the backend's array: numpy floats in the operator's
     dtype, other numpy arrays as they are; native arrays untouched."""
     if bk.owns(x):
         return x
-    name = infer_backend(x)
-    if name == "numpy":
+    if check_framework(bk, x, "an argument of the loss", BATCH_HINT) == "numpy":
         kind = np.asarray(x).dtype.kind
         return bk.asarray(x, dtype=dtype if kind == "f" else None, device=device)
-    if name is not None and name != bk.name:
-        # Silently converting across frameworks would copy (and maybe move) every batch.
-        raise TypeError(
-            f"an argument of the loss is a {name} array but the operator uses {bk.name}; "
-            f"pass {bk.name} or numpy arrays (for a torch DataLoader feeding JAX, convert "
-            "each batch to numpy)"
-        )
     return x
 
 

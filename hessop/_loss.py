@@ -15,7 +15,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from . import _pytree, _rng
+from . import _checks, _pytree, _rng
 from ._errors import DTypeError, LossError, RandomnessError, unknown
 from ._sharing import SharedFunctions
 
@@ -76,7 +76,8 @@ class Loss:
         if allow_randomness not in RANDOMNESS_OPTIONS:
             raise unknown("allow_randomness option", allow_randomness, ["fixed-seed"])
         self.f, self.spec, self.backend = f, spec, backend
-        self.seed = int(seed) if allow_randomness == "fixed-seed" else None
+        seed = _checks.integer(seed, "seed")
+        self.seed = seed if allow_randomness == "fixed-seed" else None
         self.device, self.what = device, what
         #: what identifies the function for sharing compilations (default: ``f`` itself)
         self.key = f if key is None else key
@@ -151,6 +152,13 @@ def check_scalar(out: Any, what: str, backend: Any) -> Any:
         raise LossError(
             f"{what} must return a scalar array, got {type(out).__name__}; return "
             "one loss value (for several outputs see hessop.jacobian)"
+        )
+    if not backend.owns(out):
+        got = type(out).__module__.split(".")[0] + "." + type(out).__name__
+        raise LossError(
+            f"{what} returned a {got}, not a {backend.name} array: it was not computed from "
+            f"the params hessop passes, so it cannot be differentiated; compute the loss "
+            f"with {backend.name} operations on them"
         )
     shape = tuple(out.shape)
     if shape != ():

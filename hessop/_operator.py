@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _checks
 from ._errors import DeviceError, DTypeError, ShapeError
 from .backends import Backend, get_backend, infer_backend
 
@@ -59,10 +60,10 @@ class LinearOperator:
         symmetric: bool = False,
     ) -> None:
         self._bk = get_backend(backend)
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.dtype = self._bk.dtype(dtype)
+        self.shape = _check_shape(shape)
+        self.dtype = native_dtype(self._bk, dtype, "the operator's dtype")
         self.device = device
-        self.symmetric = bool(symmetric)
+        self.symmetric = _checks.flag(symmetric, "symmetric")
 
     # --- what subclasses implement --------------------------------------------------------
     def _matvec(self, v: Any) -> Any:
@@ -108,11 +109,13 @@ class LinearOperator:
 
     def matmat(self, V: Any) -> Any:
         """Return ``A V`` for a matrix ``V`` of shape ``(m, k)``, as one batched product."""
-        return self._matmat(self._check(V, 2, self.shape[1], "matmat"))
+        V = self._check(V, 2, self.shape[1], "matmat")
+        return self._matmat(V) if V.shape[1] else self.zeros((self.shape[0], 0))
 
     def rmatmat(self, V: Any) -> Any:
         """Return ``A^T V`` for a matrix ``V`` of shape ``(n, k)``."""
-        return self._rmatmat(self._check(V, 2, self.shape[0], "rmatmat"))
+        V = self._check(V, 2, self.shape[0], "rmatmat")
+        return self._rmatmat(V) if V.shape[1] else self.zeros((self.shape[1], 0))
 
     def __matmul__(self, x: Any) -> Any:
         if isinstance(x, LinearOperator):
@@ -154,6 +157,14 @@ class LinearOperator:
                     f"{self.backend} (or numpy) array"
                 )
             x = np.asarray(x)
+            kind = x.dtype.kind
+        else:
+            kind = "c" if "complex" in bk.dtype_name(x.dtype) else "f"
+        if kind not in "biuf":  # a cast would drop imaginary parts or fail on text
+            raise DTypeError(
+                f"got an array of dtype {x.dtype}; hessop works on real numbers (the cast "
+                f"to {bk.dtype_name(self.dtype)} would lose information): pass a real array"
+            )
         native = self.dtype if dtype is None else bk.dtype(dtype)
         return bk.asarray(x, dtype=native, device=self.device)
 
@@ -193,13 +204,18 @@ class LinearOperator:
 
     def __add__(self, other: Any) -> LinearOperator:
         if not isinstance(other, LinearOperator):
-            return NotImplemented
+            return _no_scalar_sum(other, "for A + c*I use A.damped(c)")
         return SumOperator(self, other)
+
+    __radd__ = __add__
 
     def __sub__(self, other: Any) -> LinearOperator:
         if not isinstance(other, LinearOperator):
-            return NotImplemented
+            return _no_scalar_sum(other, "for A - c*I use A.damped(-c)")
         return SumOperator(self, ScaledOperator(other, -1.0))
+
+    def __rsub__(self, other: Any) -> LinearOperator:
+        return _no_scalar_sum(other, "for c*I - A use (-A).damped(c)")
 
     def __neg__(self) -> LinearOperator:
         return ScaledOperator(self, -1.0)
@@ -207,14 +223,17 @@ class LinearOperator:
     def __mul__(self, alpha: Any) -> LinearOperator:
         if not _is_scalar(alpha):
             return NotImplemented
-        return ScaledOperator(self, float(alpha))
+        return ScaledOperator(self, _checks.real(alpha, "the factor of an operator"))
 
     __rmul__ = __mul__
 
     def __truediv__(self, alpha: Any) -> LinearOperator:
         if not _is_scalar(alpha):
             return NotImplemented
-        return ScaledOperator(self, 1.0 / float(alpha))
+        alpha = _checks.real(alpha, "the divisor of an operator")
+        if alpha == 0.0:
+            raise ValueError("cannot divide an operator by 0")
+        return ScaledOperator(self, 1.0 / alpha)
 
     def damped(self, damping: float) -> LinearOperator:
         """Return ``A + damping * I`` (Levenberg-Marquardt / Tikhonov damping).
@@ -226,7 +245,7 @@ class LinearOperator:
         >>> A.damped(0.5) @ np.ones(2)
         array([1.5, 2.5])
         """
-        return self + float(damping) * IdentityOperator.like(self)
+        return self + _checks.real(damping, "damping") * IdentityOperator.like(self)
 
     # --- conversion -----------------------------------------------------------------------
     def to_dense(self, chunk_size: int | None = None) -> Any:
@@ -234,9 +253,10 @@ class LinearOperator:
 
         Costs ``m`` matrix-vector products: meant for small operators and tests.
         """
+        chunk_size = _checks.optional_integer(chunk_size, "chunk_size", minimum=1)
         m = self.shape[1]
         eye = self.xp.eye(m, dtype=self.dtype, **self._device_kw())
-        step = m if chunk_size is None else max(1, int(chunk_size))
+        step = m if chunk_size is None else chunk_size
         blocks = [self._matmat(eye[:, j : j + step]) for j in range(0, m, step)]
         return blocks[0] if len(blocks) == 1 else self.xp.concat(blocks, axis=1)
 
@@ -356,6 +376,36 @@ class LinearOperator:
 
 def _is_scalar(x: Any) -> bool:
     return isinstance(x, numbers.Real) or (getattr(x, "shape", None) == () and hasattr(x, "dtype"))
+
+
+def _no_scalar_sum(other: Any, fix: str) -> Any:
+    if not _is_scalar(other):
+        return NotImplemented
+    raise TypeError(f"cannot add a number to an operator (a number is not an operator); {fix}")
+
+
+def _check_shape(shape: Any) -> tuple[int, int]:
+    """``shape`` as a pair of non-negative ints; a :class:`ShapeError` otherwise."""
+    ok = isinstance(shape, (tuple, list)) and len(shape) == 2
+    ok = ok and all(_checks.is_int(n) and n >= 0 for n in shape)
+    if not ok:
+        raise ShapeError(f"shape must be a pair (n, m) of integers >= 0, got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def native_dtype(bk: Backend, dtype: Any, what: str) -> Any:
+    """``dtype`` (a name, numpy or native dtype) as ``bk``'s real floating dtype; a
+    :class:`DTypeError` naming ``what`` otherwise."""
+    try:
+        native = bk.dtype(dtype)
+    except DTypeError:
+        raise
+    except (TypeError, ValueError, KeyError) as err:
+        raise DTypeError(
+            f"{what} {dtype!r} is not a dtype {bk.name} knows ({err}); pass 'float32' or 'float64'"
+        ) from None
+    bk.check_floating(native, what)
+    return native
 
 
 class _Derived(LinearOperator):
@@ -548,13 +598,33 @@ class CallableOperator(LinearOperator):
         self._mv, self._rmv, self._mm = matvec, rmatvec, matmat
 
     def _matvec(self, v: Any) -> Any:
-        return self._mv(v)
+        return self._output(self._mv(v), (self.shape[0],), "matvec")
 
     def _matmat(self, V: Any) -> Any:
-        return self._mm(V) if self._mm is not None else super()._matmat(V)
+        if self._mm is None:
+            return super()._matmat(V)
+        return self._output(self._mm(V), (self.shape[0], V.shape[1]), "matmat")
 
     def _rmatvec(self, v: Any) -> Any:
-        return self._rmv(v) if self._rmv is not None else super()._rmatvec(v)
+        if self._rmv is None:
+            return super()._rmatvec(v)
+        return self._output(self._rmv(v), (self.shape[1],), "rmatvec")
+
+    def _output(self, y: Any, shape: tuple[int, ...], what: str) -> Any:
+        # The user's function is the one part of the operator hessop cannot vouch for: a
+        # result of another shape or framework would surface far away, or not at all.
+        if not self._bk.owns(y):
+            got = type(y).__module__.split(".")[0] + "." + type(y).__name__
+            raise TypeError(
+                f"the {what} function of a {self.backend} CallableOperator returned {got}; "
+                f"it must return a {self.backend} array"
+            )
+        if tuple(y.shape) != shape:
+            raise ShapeError(
+                f"the {what} function of a CallableOperator of shape {self.shape} returned "
+                f"shape {tuple(y.shape)}, expected {shape}"
+            )
+        return y
 
 
 def aslinearoperator(
@@ -603,18 +673,25 @@ def aslinearoperator(
             "cpu",
             rmatvec=lambda v: np.asarray(op.rmatvec(v)).reshape(-1),
             matmat=lambda V: np.asarray(op.matmat(V)),
-            symmetric=bool(symmetric),
+            symmetric=False if symmetric is None else symmetric,
         )
     if callable(x) and not hasattr(x, "shape"):
         if shape is None:
             raise ShapeError("aslinearoperator(callable) needs shape=(n, m)")
         bk = get_backend(backend or "numpy")
         dev = bk.resolve_device(device) if device is not None else bk.default_device()
-        return CallableOperator(x, shape, dtype or "float64", bk, dev, symmetric=bool(symmetric))
+        sym = False if symmetric is None else symmetric
+        return CallableOperator(x, shape, dtype or "float64", bk, dev, symmetric=sym)
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return DenseOperator(x, symmetric)
     if isinstance(x, (list, tuple)):
-        return DenseOperator(np.asarray(x, dtype=float), symmetric)
+        try:
+            return DenseOperator(np.asarray(x, dtype=float), symmetric)
+        except ValueError as err:  # ragged rows, or entries that are not numbers
+            raise ShapeError(
+                f"cannot make a matrix of the nested list ({err}); pass a rectangular list "
+                "of rows of numbers, or an array"
+            ) from None
     raise DTypeError(
         f"cannot make a linear operator from {type(x).__name__}; pass an array, a scipy "
         "LinearOperator or a matvec callable with shape="

@@ -13,14 +13,13 @@ keys come in another order (every ``jax.tree`` result has sorted keys) means the
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ._errors import ShapeError
-
-_CONTAINERS = (dict, list, tuple)
 
 
 def is_array(x: Any) -> bool:
@@ -208,7 +207,7 @@ def leaves_like(spec: TreeSpec, tree: Any, what: str = "the pytree") -> list[Any
 def _match(node: _Node | None, tree: Any, path: str, out: list[Any], what: str) -> None:
     where = f"at {path}" if path else "at the top level"
     if node is None:
-        if isinstance(tree, _CONTAINERS) or tree is None:
+        if not (is_array(tree) or isinstance(tree, numbers.Real)) or isinstance(tree, bool):
             raise ShapeError(
                 f"{what} does not match the parameters: {where} expected an array, got "
                 f"{type(tree).__name__}"

@@ -295,6 +295,17 @@ class _Scanner:
             if n >= _CONTAINER_LIMIT:
                 break
             self.value(f"{label}.{k}", lambda k=k: attrs.get(k, _MISSING), v, depth)
+        # Values the object reads from its class: an assignment on the instance (or the
+        # class) shadows them without touching anything recorded above.
+        shared = [
+            (k, v)
+            for k, v in vars(type(obj)).items()
+            if k not in attrs
+            and not k.startswith("__")
+            and (is_array(v) or isinstance(v, _SCALARS))
+        ]
+        for k, v in shared[:_CONTAINER_LIMIT]:
+            self.value(f"{label}.{k}", lambda k=k: getattr(obj, k, _MISSING), v, depth)
 
 
 def _cell(cell: Any) -> Any:

@@ -176,6 +176,8 @@ class StreamedOperator(PointLayout, LinearOperator):
         lin = self._linearization
         if lin is not None:
             return self._kernel.apply(lin, V)
+        if self._bk.is_tracer(V):  # under a JAX transformation the cache would keep tracers
+            return self._kernel.product(self._point, args, V)
         with self._lock:
             first = self._products == 0
             self._products += 1

@@ -330,6 +330,7 @@ def per_sample_gradients(
     tensor([[1., 0., 1.],
             [0., 1., 1.]])
     """
+    flat = _checks.flag(flat, "flat")
     p_leaves, spec = _pytree.flatten(params)
     bk = resolve_backend(backend, p_leaves, x, args)
     tr, xp = bk.transforms, bk.xp

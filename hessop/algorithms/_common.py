@@ -60,6 +60,8 @@ def as_operator(A: Any, like: Any = None, what: str = "A") -> LinearOperator:
     op = aslinearoperator(A)
     if op.shape[0] != op.shape[1]:
         raise ShapeError(f"{what} must be square, got shape {op.shape}")
+    if op.shape[0] == 0:  # Krylov methods and sketches divide by norms of empty vectors
+        raise ShapeError(f"{what} is empty (shape {op.shape}): there is nothing to compute")
     return op
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import _checks
+from .._errors import ShapeError
 from .._operator import LinearOperator, aslinearoperator
 from ._common import (
     apply,
@@ -309,9 +310,7 @@ def _direction(xp: Any, R: Any, Z: Any, P: Any, rz: Any, act: Any) -> Any:
 def _preconditioner(A: LinearOperator, M: Any) -> LinearOperator | None:
     if M is None:
         return None
-    if isinstance(M, LinearOperator):
-        return M
-    if callable(M) and not hasattr(M, "shape"):
+    if callable(M) and not hasattr(M, "shape"):  # a LinearOperator has a shape
         return aslinearoperator(
             M,
             shape=A.shape,
@@ -320,4 +319,7 @@ def _preconditioner(A: LinearOperator, M: Any) -> LinearOperator | None:
             device=A.device,
             symmetric=True,
         )
-    return aslinearoperator(M)
+    M = aslinearoperator(M)
+    if M.shape != A.shape:
+        raise ShapeError(f"the preconditioner M must have the shape of A, {A.shape}; got {M.shape}")
+    return M

@@ -82,6 +82,15 @@ def register_backend(
     'mine'
     >>> _ = _REGISTRY.pop("mine"), _LOADED.pop("mine")  # keep the doctest side-effect free
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if not (isinstance(loader, str) or callable(loader)):
+        raise TypeError(
+            f"loader must be a module path or a function returning the Backend, got {loader!r}"
+        )
+    if not callable(detect):
+        # infer_backend calls every detector on every array: a broken one breaks them all
+        raise TypeError(f"detect must be a function detect(x) -> bool, got {detect!r}")
     _REGISTRY[name] = (loader, detect, extra or name)
     _LOADED.pop(name, None)
 
@@ -191,6 +200,11 @@ def resolve_backend(backend: str | None, *trees: Any, differentiable: bool = Tru
     'numpy'
     """
     if backend is not None:
+        if not isinstance(backend, (str, Backend)):
+            raise TypeError(
+                f"backend must be the name of a backend ({', '.join(map(repr, _REGISTRY))}) "
+                f"or None, got {backend!r}"
+            )
         bk = get_backend(backend)
     else:
         names = {infer_backend(x) for x in collect_arrays(trees)} - {"numpy", None}

@@ -135,6 +135,10 @@ class Backend:
                 "point arrays (float32 or float64). Convert it first, e.g. x.astype('float64')."
             )
 
+    def check_argument(self, x: Any, what: str) -> None:
+        """Raise a ``TypeError`` naming ``what`` for a parameter or an argument of the loss
+        (any leaf, arrays or not) that this framework cannot differentiate or compile with."""
+
     def check_device(self, x: Any, device: Any, what: str) -> None:
         have = self.device_of(x)
         if device is not None and have is not None and have != device:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _checks, _pytree
-from .._errors import LossError
+from .._errors import EmptyDataError, LossError, ShapeError, unknown
 from .._hessian import (
     HessianOperator,
     _check_fixed_seed_mode,
@@ -23,10 +23,11 @@ from .._hessian import (
     place,
 )
 from .._loss import Loss
+from .._operator import native_dtype
 from .._state import StateWatch
 from .._streamed import REDUCTIONS, Batches
 from ..backends import Backend, framework_of_object, get_backend, resolve_backend
-from ._data import ModelBatches, as_pair, converter, is_single_batch
+from ._data import ModelBatches, as_pair, converter, is_single_batch, sample_count
 from ._functional import FunctionalModel
 
 #: what ``loss_fn.reduction`` may say, and what it means for how batches combine
@@ -59,6 +60,10 @@ def _adapter(model, loss_fn, params, backend, dtype, device, allow_randomness, s
                 "params=)"
             )
         bk = get_backend(owner)
+        if device is not None:
+            device = bk.resolve_device(device)
+        if dtype is not None:
+            dtype = native_dtype(bk, dtype, "dtype=")
         adapter = bk.module_model(
             model,
             loss_fn,
@@ -85,6 +90,8 @@ def _adapter(model, loss_fn, params, backend, dtype, device, allow_randomness, s
 
 def _reduction(loss_fn: Any, reduction: str | None) -> str:
     """How batches combine: ``reduction`` if given, else what ``loss_fn`` declares."""
+    if reduction is not None and reduction not in REDUCTIONS:
+        raise unknown("reduction", reduction, REDUCTIONS)
     declared = getattr(loss_fn, "reduction", None)
     if isinstance(declared, str):
         if declared == "none":
@@ -103,13 +110,7 @@ def _reduction(loss_fn: Any, reduction: str | None) -> str:
                     f"wrong loss. Drop reduction= (it is read from loss_fn), or pass "
                     f"reduction={_DECLARED[declared]!r}"
                 )
-    if reduction is None:
-        return "mean"
-    if reduction not in REDUCTIONS:
-        from .._errors import unknown
-
-        raise unknown("reduction", reduction, REDUCTIONS)
-    return reduction
+    return "mean" if reduction is None else reduction
 
 
 def prepare(
@@ -131,8 +132,14 @@ def prepare(
 ) -> Prepared:
     """Everything a model-level operator needs (see :class:`Prepared`)."""
     mode = canonical_mode(mode)
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be a function loss_fn(output, target) -> scalar (or a loss "
+            f"module), got {type(loss_fn).__name__}"
+        )
     reduction = _reduction(loss_fn, reduction)
     distributed = _checks.flag(distributed, "distributed")
+    seed = _checks.integer(seed, "seed")
     if batch_size is not None and not callable(batch_size):
         raise TypeError("batch_size must be a function batch_size(x, y) -> int")
     adapter, bk, dev = _adapter(
@@ -145,6 +152,8 @@ def prepare(
     size = None if batch_size is None else (lambda args: batch_size(*args))
     if is_single_batch(data) and not distributed:
         args, stream = convert(as_pair(data)), None
+        if sample_count(args) == 0:  # a mean over no samples is NaN, a sum 0: no curvature
+            raise EmptyDataError("the batch (x, y) has no samples (leading dimension 0)")
     else:
         if is_single_batch(data):
             data = [data]  # distributed: this process's one local batch
@@ -297,12 +306,6 @@ def model_hessian(
     >>> torch.allclose(H @ v, Hd @ v)
     True
     """
-    compile = _checks.flag(compile, "compile")
-    if allow_randomness is not None and compile:
-        raise ValueError(
-            "compile=True cannot be combined with allow_randomness: a compiled product "
-            "does not re-seed the generators per call; pass compile=False"
-        )
     p = prepare(
         model,
         loss_fn,
@@ -329,7 +332,7 @@ def model_hessian(
         mode=canonical_mode(mode),
         cache=None if cache is None else _checks.flag(cache, "cache"),
         chunk_size=_checks.optional_integer(chunk_size, "chunk_size", minimum=1),
-        compile=compile,
+        compile=_checks.flag(compile, "compile"),
         differentiable=False,
     )
 
@@ -367,20 +370,20 @@ def model_hvp(
     """
     kw.setdefault("cache", False)  # one product: do not keep the graph alive
     H = model_hessian(model, loss_fn, (x, y), params=params, backend=backend, mode=mode, **kw)
-    d = H.shape[0]
-    if H._bk.owns(v) and len(v.shape) == 1 and v.shape[0] == d:
-        return H @ v
     spec = H.spec
+    if _pytree.is_array(v) and (spec.root is not None or len(v.shape) == 1):
+        if tuple(v.shape) != (H.shape[0],):
+            raise ShapeError(
+                f"v has shape {tuple(v.shape)}; pass a flat vector of length {H.shape[0]} or "
+                f"a params-shaped pytree ({spec.describe()})"
+            )
+        return H.matvec(v)  # checks the length, the framework, dtype and device
     if isinstance(v, (list, tuple)) and isinstance(H.params, dict) and spec.root is not None:
         if len(v) != spec.num_leaves:
-            raise ValueError(
-                f"v has {len(v)} entries but {spec.num_leaves} parameters are selected"
+            raise ShapeError(
+                f"v has {len(v)} entries but {spec.num_leaves} parameters are selected "
+                f"({spec.describe()})"
             )
         out = H.unravel(H @ H.ravel(dict(zip(H.params, v))))
         return type(v)(out.values())
-    if not isinstance(v, (dict, list, tuple)) and hasattr(v, "shape"):
-        raise ValueError(
-            f"v has shape {tuple(v.shape)}; pass a flat vector of length {d} or a "
-            f"params-shaped pytree ({spec.describe()})"
-        )
     return H.unravel(H @ H.ravel(v))

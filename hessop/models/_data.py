@@ -22,7 +22,8 @@ from typing import Any
 
 from .. import _rng
 from .._errors import EmptyDataError
-from .._pytree import is_array, map_arrays, tree_map
+from .._inputs import BATCH_HINT, check_framework
+from .._pytree import collect_arrays, is_array, map_arrays, tree_map
 
 
 def is_single_batch(data: Any) -> bool:
@@ -112,6 +113,8 @@ def converter(bk: Any, dtype: Any, device: Any) -> Callable[[Any], Any]:
     """
 
     def one(x: Any) -> Any:
+        check_framework(bk, x, "an array of the batch", BATCH_HINT)
+        bk.check_argument(x, "an array of the batch")
         floating = bk.is_floating(x.dtype) if hasattr(x, "dtype") else False
         return bk.asarray(x, dtype=dtype if floating else None, device=device)
 
@@ -119,6 +122,19 @@ def converter(bk: Any, dtype: Any, device: Any) -> Callable[[Any], Any]:
         return map_arrays(one, batch)
 
     return convert
+
+
+def sample_count(batch: Any) -> int | None:
+    """The leading dimension of the first array of a batch with one (None: no such array).
+
+    >>> import numpy as np
+    >>> sample_count((np.zeros((0, 3)), np.zeros(0))), sample_count((np.float64(1.0), 2))
+    (0, None)
+    """
+    for a in collect_arrays(batch):
+        if len(a.shape) >= 1:
+            return int(a.shape[0])
+    return None
 
 
 def batch_axes(args: Any, n: int) -> Any:

@@ -25,7 +25,7 @@ from .. import _checks, _pytree
 from .._streamed import CurvatureOperator
 from ..backends._base import CurvatureKernel, KernelOptions
 from ._api import prepare
-from ._data import batch_axes, converter
+from ._data import batch_axes, converter, sample_count
 
 
 class FisherKernel(CurvatureKernel):
@@ -108,9 +108,9 @@ class FisherOperator(CurvatureOperator):
 
 def rows(args: tuple[Any, ...]) -> int:
     """The number of samples of a batch: the leading dimension of its first array."""
-    for leaf in _pytree.collect_arrays(args):
-        if len(getattr(leaf, "shape", ())) >= 1:
-            return int(leaf.shape[0])
+    n = sample_count(args)
+    if n is not None:
+        return n
     raise ValueError(
         f"cannot split the batch into samples: no array of the batch (x: "
         f"{type(args[0]).__name__}) has a leading dimension"

@@ -11,6 +11,7 @@ state hooks of :class:`~hessop.backends._base.Backend` keep their defaults. floa
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -66,6 +67,15 @@ class JaxBackend(Backend):
         except (AttributeError, ValueError):  # sharded over several devices
             return None
 
+    def check_argument(self, x: Any, what: str) -> None:
+        # The loss is compiled with its arguments as inputs: every leaf must be an array.
+        if not isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number, type(None))):
+            raise TypeError(
+                f"{what} is a {type(x).__name__}; JAX compiles the loss with its arguments as "
+                "arrays, so they must be arrays or numbers: bind other values in a closure "
+                "(functools.partial(f, value=...))"
+            )
+
     def check_device(self, x: Any, device: Any, what: str) -> None:
         # A data-parallel operator lives on a replicated sharding (hessop.distributed); an
         # array on some of its devices is fine: the operator replicates it before use.
@@ -97,6 +107,11 @@ class JaxBackend(Backend):
                     f"{have}); use one of jax.devices(), or install jax with GPU support"
                 )
             return found[i]
+        if not isinstance(device, (jax.Device, jax.sharding.Sharding)):
+            raise DeviceError(
+                f"device={device!r} is not a JAX device: pass a name ('cpu', 'gpu', 'gpu:1') "
+                "or one of jax.devices()"
+            )
         return device
 
     def dtype(self, dtype: Any) -> Any:

@@ -140,7 +140,7 @@ class JaxHessianKernel(CurvatureKernel):
         arrays = jax.tree_util.tree_leaves((point, args))
         if any(isinstance(x, jax.core.Tracer) for x in arrays):
             return None
-        signature = tuple((tuple(x.shape), str(getattr(x, "dtype", ""))) for x in arrays)
+        signature = _signature(arrays)
         known = self.fns.dependence.get(signature)
         if known is None:
             with _translated():
@@ -154,7 +154,7 @@ class JaxHessianKernel(CurvatureKernel):
         arrays = jax.tree_util.tree_leaves((point, args))
         if any(isinstance(x, jax.core.Tracer) for x in arrays):
             return 0.0  # inside a transformation: compiled with the enclosing function
-        signature = tuple((tuple(x.shape), str(getattr(x, "dtype", ""))) for x in arrays)
+        signature = _signature(arrays)
         if signature in self.fns.compiled_for:
             return 0.0
         start = time.perf_counter()
@@ -325,3 +325,9 @@ _stack_columns = jax.jit(functools.partial(jnp.stack, axis=1))
 def on_cpu(device: Any) -> bool:
     devices = getattr(device, "device_set", None) or [device]  # a sharding, or one device
     return all(getattr(d, "platform", "cpu") == "cpu" for d in devices)
+
+
+def _signature(leaves: list[Any]) -> tuple[Any, ...]:
+    """Shapes and dtypes of the leaves of a point and its arguments; Python numbers among
+    the arguments count by type (jit traces them as weakly typed scalars)."""
+    return tuple((tuple(jnp.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves)

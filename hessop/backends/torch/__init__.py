@@ -75,9 +75,11 @@ class TorchBackend(Backend):
             return x.to(dtype=dtype, device=device or x.device)
         if isinstance(x, np.ndarray) and not x.flags.writeable:
             x = x.copy()  # torch warns on read-only buffers (e.g. from JAX)
-        return torch.as_tensor(
-            x, dtype=self.dtype(dtype) if dtype is not None else None, device=device
-        )
+        # hessop's own copy must be differentiable, also when made under inference mode
+        with torch.inference_mode(False):
+            return torch.as_tensor(
+                x, dtype=self.dtype(dtype) if dtype is not None else None, device=device
+            )
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return x.detach().cpu().numpy()
@@ -121,6 +123,14 @@ class TorchBackend(Backend):
             return _DTYPES[name]
         except KeyError:
             raise TypeError(f"unsupported dtype {dtype!r} for torch") from None
+
+    def check_argument(self, x: Any, what: str) -> None:
+        if isinstance(x, torch.Tensor) and x.is_inference():
+            raise TypeError(
+                f"{what} is an inference tensor (made under torch.inference_mode()), which "
+                "autograd cannot differentiate through; make it outside inference mode (or "
+                "pass x.clone() taken outside it)"
+            )
 
     def stop_gradient(self, x: Any) -> Any:
         # No copy (a copy of the parameters would cost their memory): the operator watches

@@ -85,10 +85,12 @@ def autodiff_context(mode: str | None = None, grad: bool | None = True) -> Itera
     forward = mode in ("forward-over-reverse", "reverse-over-forward", "dense")
     lock = FORWARD_AD_LOCK if forward else contextlib.nullcontext()
     grad_mode = torch.enable_grad() if grad else contextlib.nullcontext()
+    # Inference mode turns autograd off below grad mode: enable_grad alone does not undo it.
+    inference = torch.inference_mode(False) if grad else contextlib.nullcontext()
     with lock:
         _enter_global()
         try:
-            with grad_mode, norms:
+            with inference, grad_mode, norms:
                 yield
         finally:
             _leave_global()

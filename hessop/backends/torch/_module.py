@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -125,6 +127,23 @@ def batchnorm_modules(model: nn.Module) -> list[str]:
     ]
 
 
+#: one lock per module: torch.func.functional_call swaps the module's parameters in place
+#: for the length of a forward pass, so two concurrent calls on one module swap each other's
+#: tensors, compute with the wrong ones and can leave plain tensors where the user's
+#: nn.Parameters were
+_CALL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_CALL_LOCKS_GUARD = threading.Lock()
+
+
+def call_lock(model: nn.Module) -> threading.RLock:
+    """The lock that serializes hessop's forward passes through ``model``."""
+    with _CALL_LOCKS_GUARD:
+        lock = _CALL_LOCKS.get(model)
+        if lock is None:
+            lock = _CALL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 def _is_compiling() -> bool:
     is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
     return bool(is_compiling and is_compiling())
@@ -152,6 +171,7 @@ class TorchModuleModel:
         seed: int = 0,
     ) -> None:
         self.backend, self.model, self.loss_fn = backend, model, loss_fn
+        self._call_lock = call_lock(model)
         self.names = select_parameters(model, params)
         named = dict(model.named_parameters())
         dtypes = {named[n].dtype for n in self.names}
@@ -221,7 +241,10 @@ class TorchModuleModel:
             # updates must land on copies.
             buffers = {n: b.clone() for n, b in buffers.items()}
         tensors = {**self.fixed, **buffers, **p}
-        return torch.func.functional_call(self.model, tensors, (x,))
+        if _is_compiling():  # traced into a graph: nothing is swapped at run time
+            return torch.func.functional_call(self.model, tensors, (x,))
+        with self._call_lock:
+            return torch.func.functional_call(self.model, tensors, (x,))
 
     def loss(self, p: dict[str, Any], x: Any, y: Any) -> Any:
         """``loss_fn(model(x), y)`` at parameters ``p``."""
