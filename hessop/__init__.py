@@ -8,6 +8,7 @@ Examples
 tensor([12., 48.], dtype=torch.float64)
 """
 
+from ._compilation_cache import enable_compilation_cache
 from ._errors import (
     BackendNotAvailableError,
     DeviceError,
@@ -109,6 +110,7 @@ __all__ = [
     "UnknownOptionError",
     "aslinearoperator",
     "available_backends",
+    "enable_compilation_cache",
     "get_backend",
     "hessian",
     "model_fisher",
