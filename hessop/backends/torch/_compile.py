@@ -163,8 +163,12 @@ def _build(template: Loss, mode: str) -> types.SimpleNamespace:
 
     # dynamo keeps its compilations on the code object, at most recompile_limit (8) of
     # them, which every loss would share; a private copy of the code gives each loss its
-    # own. fullgraph: a graph break is an error (then explained), never a silent slowdown;
-    # dynamic=False: a new batch shape compiles static kernels instead of symbolic ones.
+    # own. fullgraph: a graph break is an error (then explained), never a silent slowdown.
+    # dynamic=None (dynamo's automatic dynamic shapes): the first shape compiles static
+    # kernels; a batch of another size (an uneven last batch) compiles once more, with the
+    # sizes that changed symbolic, and that serves every later size. dynamic=False compiled
+    # once per size instead (and ran eagerly after 8 sizes); padding the last batch is not
+    # exact for a loss hessop cannot see into (benchmarks/README.md, compile section).
     private = types.FunctionType(
         product.__code__.replace(),
         product.__globals__,
@@ -172,7 +176,7 @@ def _build(template: Loss, mode: str) -> types.SimpleNamespace:
         None,
         product.__closure__,
     )
-    fn = torch.compile(private, fullgraph=True, dynamic=False, backend=_inductor)
+    fn = torch.compile(private, fullgraph=True, dynamic=None, backend=_inductor)
     return types.SimpleNamespace(fn=fn, eager=product, seen=set())
 
 
