@@ -111,10 +111,10 @@ class CompiledKernel(CurvatureKernel):
         """Compile for this batch's shapes (one product); 0.0 when an earlier operator
         compiled for the same shapes."""
         start = time.perf_counter()
-        self.eager.gradient(point, args)  # the loss's first-call checks run eagerly
         signature = _signature(point, _detached(args))
         if signature in self.compiled.seen:
-            return 0.0
+            return 0.0  # an operator of the same loss and state checked and compiled these
+        self.eager.gradient(point, args)  # the loss's first-call checks run eagerly
         d = sum(self.loss.spec.sizes)
         self._vector(point, args, torch.zeros(d, dtype=point[0].dtype, device=point[0].device))
         seconds = time.perf_counter() - start
@@ -164,11 +164,11 @@ def _build(template: Loss, mode: str) -> types.SimpleNamespace:
     # dynamo keeps its compilations on the code object, at most recompile_limit (8) of
     # them, which every loss would share; a private copy of the code gives each loss its
     # own. fullgraph: a graph break is an error (then explained), never a silent slowdown.
-    # dynamic=None (dynamo's automatic dynamic shapes): the first shape compiles static
-    # kernels; a batch of another size (an uneven last batch) compiles once more, with the
-    # sizes that changed symbolic, and that serves every later size. dynamic=False compiled
-    # once per size instead (and ran eagerly after 8 sizes); padding the last batch is not
-    # exact for a loss hessop cannot see into (benchmarks/README.md, compile section).
+    # dynamic=False: static kernels, compiled once per batch size (an uneven last batch
+    # compiles once more). A symbolic batch size does not survive the torch.func product in
+    # torch 2.13 (dynamo's automatic dynamic recompiles with the size specialized again:
+    # guard "size mismatch at index 0"), and padding the last batch is not exact for a loss
+    # hessop cannot see into (benchmarks/README.md, compile section).
     private = types.FunctionType(
         product.__code__.replace(),
         product.__globals__,
@@ -176,7 +176,7 @@ def _build(template: Loss, mode: str) -> types.SimpleNamespace:
         None,
         product.__closure__,
     )
-    fn = torch.compile(private, fullgraph=True, dynamic=None, backend=_inductor)
+    fn = torch.compile(private, fullgraph=True, dynamic=False, backend=_inductor)
     return types.SimpleNamespace(fn=fn, eager=product, seen=set())
 
 
