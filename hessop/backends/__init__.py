@@ -167,11 +167,12 @@ def _load(name: str) -> Backend:
 CACHE_ENV = "HESSOP_COMPILATION_CACHE"
 
 
-def use_compilation_cache(folder: Path) -> list[str]:
+def use_compilation_cache(folder: Path) -> None:
     """Keep compiled functions under ``folder / <backend name>``, for the loaded backends now
-    and for the others when they load; the names of the loaded backends that keep some."""
+    and for the others when they load."""
     _CACHE_FOLDER[:] = [folder]
-    return [n for n, bk in _LOADED.items() if bk.use_compilation_cache(folder / n)]
+    for name, backend in _LOADED.items():
+        backend.use_compilation_cache(folder / name)
 
 
 def infer_backend(x: Any) -> str | None:
