@@ -8,6 +8,7 @@ Examples
 tensor([12., 48.], dtype=torch.float64)
 """
 
+from ._compilation_cache import enable_compilation_cache
 from ._errors import (
     BackendNotAvailableError,
     DeviceError,
@@ -127,6 +128,7 @@ __all__ = [
     "aslinearoperator",
     "available_backends",
     "curvature_by_layer",
+    "enable_compilation_cache",
     "get_backend",
     "hessian",
     "model_fisher",

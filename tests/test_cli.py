@@ -344,6 +344,26 @@ def test_summary_picks_the_fastest_mode_and_compares():
     assert "fwd-rev -" in text and "mode='auto' (fwd-rev) was not among --modes" in text
 
 
+def test_summary_says_when_compile_pays():
+    base = {"gradient": 1.0, "hvp:rev-rev": 3.0, "hand:rev-rev": 3.0, "hvp:fwd-rev": 2.8}
+    torch_mlp = _entry("torch", "mlp", {**base, "hvp:compiled": 2.5}, auto="rev-rev")
+    torch_mlp["compile_time_s"] = 20.0
+    torch_cnn = _entry("torch", "cnn", {**base, "hvp:compiled": 3.2}, auto="rev-rev")
+    torch_cnn["compile_time_s"] = 30.0
+    jax_mlp = _entry("jax", "mlp", base, auto="fwd-rev")  # no --compile rows
+    rep = _report(torch_mlp, torch_cnn, jax_mlp)
+    s_mlp, s_cnn, s_jax = rep["summary"]
+    # 20 s over (30 - 25) ms per product, against the auto mode's eager product
+    assert s_mlp["break_even"] == pytest.approx(4000.0)
+    assert s_cnn["break_even"] is None and s_cnn["compiled_saves_s"] == pytest.approx(-0.002)
+    assert "break_even" not in s_jax
+    text = report.format_summary(rep)
+    assert "torch mlp: 4,000 products (compiled in 20.0 s, 5.00 ms saved per product)" in text
+    assert "torch cnn: never (not faster per product)" in text
+    assert "jax mlp:" not in text
+    assert "compile=True pays" not in report.format_summary(_report(jax_mlp))
+
+
 def test_memory_ratio_only_above_resolution():
     res = resolution_bytes(RSS_METHOD)
     entry = _entry("torch", "mlp", {"gradient": 1.0, "hvp:rev-rev": 2.0}, auto="rev-rev")

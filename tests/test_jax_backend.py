@@ -121,3 +121,23 @@ def test_compile_with_streamed_data():
     v = np.random.default_rng(12).standard_normal(H.shape[0])
     ref = dense_reference(params, X, y)
     np.testing.assert_allclose(H @ jnp.asarray(v), ref @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_an_uneven_last_batch_compiles_once_more():
+    """jit compiles once per batch shape: a smaller last batch adds one compilation per
+    function, shared by later operators (padding it would not be exact for any loss)."""
+
+    def fresh_loss(p, X, y):  # a new function: nothing compiled for it yet
+        return loss(p, X, y)
+
+    params, X, y = problem(seed=13, n=12)
+    batches = [(X[:5], y[:5]), (X[5:10], y[5:10]), (X[10:], y[10:])]
+    v = np.random.default_rng(14).standard_normal(X.shape[1] * 4 + 8)
+    for p in (params, problem(seed=15)[0]):  # a second operator, at a new point
+        H = hessop.hessian(fresh_loss, p, data=batches, compile=True)
+        ref = dense_reference(p, X, y)
+        np.testing.assert_allclose(H @ jnp.asarray(v), ref @ v, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(H @ jnp.asarray(v), ref @ v, rtol=1e-10, atol=1e-12)
+    fns = H._kernel.fns
+    sizes = {name: getattr(fns, name)._cache_size() for name in ("hvp", "first", "apply")}
+    assert max(sizes.values()) <= 2 and sizes["hvp"] == 2, sizes

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .._errors import BackendNotAvailableError, unknown
@@ -38,6 +40,9 @@ __all__ = [
 # name -> (module path or loader, predicate telling whether an array belongs to it, extra)
 _REGISTRY: dict[str, tuple[str | Callable[[], Backend], Callable[[Any], bool], str]] = {}
 _LOADED: dict[str, Backend] = {}
+#: the folder of the on-disk compilation caches (see hessop.enable_compilation_cache); each
+#: backend gets its own sub-folder, when it is loaded
+_CACHE_FOLDER: list[Path] = []
 
 
 def _module_is(*prefixes: str) -> Callable[[Any], bool]:
@@ -160,7 +165,23 @@ def _load(name: str) -> Backend:
             f"install it with: pip install 'hessop[{extra}]'"
         ) from err
     _LOADED[name] = backend
+    if not _CACHE_FOLDER and os.environ.get(CACHE_ENV):
+        _CACHE_FOLDER.append(Path(os.environ[CACHE_ENV]).expanduser().resolve())
+    if _CACHE_FOLDER:
+        backend.use_compilation_cache(_CACHE_FOLDER[0] / name)
     return backend
+
+
+#: the environment variable that turns the on-disk compilation caches on, in its folder
+CACHE_ENV = "HESSOP_COMPILATION_CACHE"
+
+
+def use_compilation_cache(folder: Path) -> None:
+    """Keep compiled functions under ``folder / <backend name>``, for the loaded backends now
+    and for the others when they load."""
+    _CACHE_FOLDER[:] = [folder]
+    for name, backend in _LOADED.items():
+        backend.use_compilation_cache(folder / name)
 
 
 def infer_backend(x: Any) -> str | None:

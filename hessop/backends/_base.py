@@ -189,6 +189,12 @@ class Backend:
         ``seed``, seeds them on entry."""
         return contextlib.nullcontext()
 
+    def use_compilation_cache(self, folder: Any) -> bool:
+        """Keep this framework's compiled functions on disk under ``folder`` (a
+        :class:`pathlib.Path`), for later processes; False when it compiles nothing worth
+        keeping. Called by :func:`hessop.enable_compilation_cache`."""
+        return False
+
     # --- automatic differentiation --------------------------------------------------------
     def hessian_kernel(self, loss: Any, mode: str, options: KernelOptions) -> CurvatureKernel:
         """The Hessian :class:`CurvatureKernel` of ``loss`` (a :class:`hessop._loss.Loss`) in a

@@ -95,7 +95,34 @@ def summarize_entry(entry: dict[str, Any]) -> dict[str, Any]:
             peers[name[5:]] = hvp["ratio"] / s["ratio"]
     if peers:
         out["vs_peers"] = peers
+    out.update(break_even(entry))
     return out
+
+
+def break_even(entry: dict[str, Any]) -> dict[str, Any]:
+    """When ``compile=True`` pays (``--compile`` rows): the one-time compilation over the
+    time it saves per product at a new point, against the eager auto mode (or the fastest
+    eager mode when auto was not measured). ``break_even`` is None when compiling saves
+    nothing per product; no keys when nothing compiled was measured.
+
+    >>> entry = {"auto_mode": "rev-rev", "compile_time_s": 12.0, "measurements": {
+    ...     "hvp:rev-rev": {"median_s": 0.030}, "hvp:compiled": {"median_s": 0.024}}}
+    >>> round(break_even(entry)["break_even"])
+    2000
+    """
+    ms = entry["measurements"]
+    compiled, seconds = ms.get("hvp:compiled", {}).get("median_s"), entry.get("compile_time_s")
+    eager = ms.get(f"hvp:{entry['auto_mode']}", {}).get("median_s")
+    if eager is None:
+        eager = min((ms[f"hvp:{m}"]["median_s"] for m in _modes(entry)), default=None)
+    if compiled is None or seconds is None or eager is None:
+        return {}
+    saved = eager - compiled
+    return {
+        "compile_time_s": seconds,
+        "compiled_saves_s": saved,
+        "break_even": seconds / saved if saved > 0 else None,
+    }
 
 
 def summarize_report(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -345,6 +372,25 @@ def _peer_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
     ]
 
 
+def _break_even_lines(rows: list[dict[str, Any]]) -> list[str]:
+    measured = [s for s in rows if "compile_time_s" in s]
+    if not measured:
+        return []
+    lines = [
+        "compile=True pays after this many products at new points (one-time compilation / "
+        "time saved per product against the eager operator):"
+    ]
+    for s in measured:
+        saved = s["compiled_saves_s"]
+        n = s["break_even"]
+        verdict = f"{n:,.0f} products" if n is not None else "never (not faster per product)"
+        lines.append(
+            f"  {s['framework']} {s['model']}: {verdict} (compiled in {s['compile_time_s']:.1f} "
+            f"s, {1e3 * saved:.2f} ms saved per product)"
+        )
+    return lines
+
+
 def _memory_line(rows: list[dict[str, Any]]) -> str:
     measured = [s for s in rows if "memory_resolved" in s]
     if not measured:
@@ -395,6 +441,7 @@ def format_summary(report: dict[str, Any], targets_hint: bool = True) -> str:
             "hessop's time over the same product written by hand (fastest mode): " + ", ".join(over)
         )
     lines += _peer_lines(report, rows)
+    lines += _break_even_lines(rows)
     lines.append(_memory_line(rows))
     if report["config"].get("quick"):
         lines.append(

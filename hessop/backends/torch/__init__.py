@@ -206,6 +206,11 @@ class TorchBackend(Backend):
         return _NoPythonNumbers()
 
     # --- automatic differentiation --------------------------------------------------------
+    def use_compilation_cache(self, folder: Any) -> bool:
+        from ._compile import use_compilation_cache
+
+        return use_compilation_cache(folder)
+
     def hessian_kernel(self, loss: Any, mode: str, options: Any) -> Any:
         if options.compile:
             from ._compile import CompiledKernel

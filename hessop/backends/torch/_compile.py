@@ -7,16 +7,29 @@ batch of the same shapes reuses it. dynamo guards on what the loss reads besides
 arguments, so a loss whose closed-over tensors or globals changed recompiles instead of
 answering with stale values. ``matmat`` loops over the columns (a vmapped compiled function
 would be compiled again for each width).
+
+Across processes, torch's on-disk caches (inductor's FX graph cache and the AOTAutograd
+cache, both on by default, in ``TORCHINDUCTOR_CACHE_DIR``) spare a later process the
+compilation; dynamo still traces the loss again (a few seconds). The AOTAutograd cache
+refuses graphs that call functions it does not know, and the graph of a ``torch.func``
+transform calls the functorch nesting functions (``_jvp_increment_nesting`` ...): these
+only enter and leave a transform level given in the graph, so hessop marks them cacheable
+while it compiles (:data:`_CACHEABLE`), which makes a later process's compilation a cache
+load.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import types
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+import torch._functorch.predispatch
+import torch._inductor.config
 
 from ..._errors import HessopError
 from ..._loss import Loss
@@ -27,6 +40,33 @@ from ._context import autodiff_context, translate_error
 from ._kernel import TorchHessianKernel
 
 _SHARED = SharedFunctions(maxsize=16)
+
+#: the functorch functions in the graph of a torch.func transform, for the AOTAutograd
+#: cache (keyed by torch's version, as torch asks of such entries)
+_CACHEABLE = {
+    f"torch._functorch.predispatch.{name}": torch.__version__
+    for name in (
+        "_jvp_increment_nesting",
+        "_jvp_decrement_nesting",
+        "_enter_dual_level",
+        "_exit_dual_level",
+        "_make_dual",
+        "_unpack_dual",
+        "_unwrap_for_grad",
+        "_add_batch_dim",
+        "_remove_batch_dim",
+        "_vmap_increment_nesting",
+        "_vmap_decrement_nesting",
+    )
+    if hasattr(torch._functorch.predispatch, name)
+}
+
+
+def use_compilation_cache(folder: Path) -> bool:
+    """Inductor's and AOTAutograd's on-disk caches in ``folder`` (``TORCHINDUCTOR_CACHE_DIR``,
+    which torch reads at each compilation) instead of torch's default temporary folder."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return True
 
 
 class CompiledKernel(CurvatureKernel):
@@ -71,10 +111,10 @@ class CompiledKernel(CurvatureKernel):
         """Compile for this batch's shapes (one product); 0.0 when an earlier operator
         compiled for the same shapes."""
         start = time.perf_counter()
-        self.eager.gradient(point, args)  # the loss's first-call checks run eagerly
         signature = _signature(point, _detached(args))
         if signature in self.compiled.seen:
-            return 0.0
+            return 0.0  # an operator of the same loss and state checked and compiled these
+        self.eager.gradient(point, args)  # the loss's first-call checks run eagerly
         d = sum(self.loss.spec.sizes)
         self._vector(point, args, torch.zeros(d, dtype=point[0].dtype, device=point[0].device))
         seconds = time.perf_counter() - start
@@ -123,8 +163,12 @@ def _build(template: Loss, mode: str) -> types.SimpleNamespace:
 
     # dynamo keeps its compilations on the code object, at most recompile_limit (8) of
     # them, which every loss would share; a private copy of the code gives each loss its
-    # own. fullgraph: a graph break is an error (then explained), never a silent slowdown;
-    # dynamic=False: a new batch shape compiles static kernels instead of symbolic ones.
+    # own. fullgraph: a graph break is an error (then explained), never a silent slowdown.
+    # dynamic=False: static kernels, compiled once per batch size (an uneven last batch
+    # compiles once more). A symbolic batch size does not survive the torch.func product in
+    # torch 2.13 (dynamo's automatic dynamic recompiles with the size specialized again:
+    # guard "size mismatch at index 0"), and padding the last batch is not exact for a loss
+    # hessop cannot see into (benchmarks/README.md, compile section).
     private = types.FunctionType(
         product.__code__.replace(),
         product.__globals__,
@@ -132,8 +176,19 @@ def _build(template: Loss, mode: str) -> types.SimpleNamespace:
         None,
         product.__closure__,
     )
-    fn = torch.compile(private, fullgraph=True, dynamic=False)
+    fn = torch.compile(private, fullgraph=True, dynamic=False, backend=_inductor)
     return types.SimpleNamespace(fn=fn, eager=product, seen=set())
+
+
+def _inductor(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+    """torch.compile's default backend, with graphs of torch.func transforms allowed into the
+    AOTAutograd cache (see the module doc) for this compilation only: dynamo calls it only
+    when it compiles, so the products pay nothing for the setting."""
+    from torch._inductor.compile_fx import compile_fx
+
+    marked = {**torch._inductor.config.unsafe_marked_cacheable_functions, **_CACHEABLE}
+    with torch._inductor.config.patch(unsafe_marked_cacheable_functions=marked):
+        return compile_fx(graph, example_inputs)
 
 
 def _detached(args: tuple[Any, ...]) -> tuple[Any, ...]:
