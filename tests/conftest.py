@@ -232,3 +232,53 @@ def shared_operator(name: str, backend: str, mode: str = "auto", dtype: str = "f
     if key not in _OPERATORS:
         _OPERATORS[key] = build_operator(name, backend, mode, dtype, **kw)
     return _OPERATORS[key]
+
+
+# JAX runs of backend-parametrized tests that compile for seconds and whose code the default
+# run covers with a faster JAX test in the same file (named after "covered by") and with the
+# torch run of the same test. They run with -m slow (tox -e all). When the whole suite is
+# collected, an id that matches no test is an error, so this list cannot rot silently.
+SLOW_JAX_DUPLICATES = {
+    # covered by test_hessians_match_loop[jax], test_hessians_chunk_size[jax-2]
+    "tests/test_per_sample.py::test_hessians_float32[jax]",
+    "tests/test_per_sample.py::test_hessians_chunk_size[jax-1]",
+    "tests/test_per_sample.py::test_hessians_explicit_in_axes[jax]",
+    "tests/test_per_sample.py::test_hessians_multidim_samples_and_pytree_args[jax]",
+    # covered by test_gradients_match_loop_and_layout[jax]
+    "tests/test_per_sample.py::test_gradients_numpy_data_takes_param_dtype[jax]",
+    # covered by test_jacobian_pytree_and_argnums[jax-auto]
+    "tests/test_jacobians.py::test_jacobian_pytree_and_argnums[jax-forward]",
+    # covered by test_output_hessians_both_strategies[jax-reverse-over-reverse]
+    "tests/test_jacobians.py::test_output_hessians_both_strategies[jax-forward-over-reverse]",
+    # covered by test_jax_grad_through_operator[fwd-rev] (JAX's default mode)
+    "tests/test_differentiable.py::test_jax_grad_through_operator[rev-rev]",
+    # covered by test_hvp_gradients_to_params_and_args[jax]
+    "tests/test_differentiable.py::test_ssm_gradient_matches_dense_reference_and_fd[jax]",
+    # covered by test_top_eigenpairs_match_eigh[3-jax]
+    "tests/test_subspace.py::test_top_eigenpairs_match_eigh[1-jax]",
+    # covered by test_hessian_operator_matches_dense[hutchinson-jax]
+    "tests/test_trace.py::test_hessian_operator_matches_dense[xtrace-jax]",
+    "tests/test_trace.py::test_hessian_operator_matches_dense[hutch++-jax]",
+    # covered by test_parity_float64[mlp-jax-fd]
+    "tests/test_hessian.py::test_parity_float32[jax-fd]",
+    "tests/test_hessian.py::test_parity_float64[pytree-jax-fd]",
+    # covered by test_forward_matches[mlp], test_forward_matches[transformer]
+    "tests/test_reference_models.py::test_forward_matches[mlp-gelu]",
+    "tests/test_reference_models.py::test_loss_matches[transformer]",
+    # covered by test_torch_equals_jax[mlp-type-2] and the torch runs
+    "tests/test_kfac.py::test_inverse_trace_logdet_diagonal_are_exact[jax-ekfac-False]",
+    "tests/test_kfac.py::test_deep_linear_network_blocks_are_exact[reduce-jax]",
+    "tests/test_kfac.py::test_functions_of_a_convolutional_kfac[jax]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    found = set()
+    for item in items:
+        if item.nodeid in SLOW_JAX_DUPLICATES:
+            item.add_marker(pytest.mark.slow)
+            found.add(item.nodeid)
+    whole_suite = not config.option.keyword and config.args == config.getini("testpaths")
+    missing = SLOW_JAX_DUPLICATES - found
+    if whole_suite and has_framework("jax") and missing:
+        raise pytest.UsageError(f"SLOW_JAX_DUPLICATES names no test: {sorted(missing)}")

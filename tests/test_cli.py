@@ -26,9 +26,6 @@ from hessop.bench.memory import RSS_METHOD, resolution_bytes
 from hessop.bench.progress import Progress, prior_s
 from hessop.bench.timing import percentile, summarize
 
-# The tests share module fixtures: one pytest-xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("cli")
-
 HAS_TORCH = runner.installed("torch")
 HAS_JAX = runner.installed("jax")
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")

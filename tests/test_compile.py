@@ -22,9 +22,6 @@ F = torch.nn.functional
 
 from model_utils import rng_states, same_rng_states  # noqa: E402
 
-# The tests share module fixtures: one pytest-xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("compile")
-
 MODES = [
     "reverse-over-forward",
     # a second compilation: 10-20 s more on 2 cores with a cold inductor cache

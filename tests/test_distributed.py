@@ -20,9 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-# The tests share module fixtures: one pytest-xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("distributed")
-
 HERE = Path(__file__).resolve()
 TIMEOUT = 120  # seconds for a whole multi-process run: a hang must fail, not block
 

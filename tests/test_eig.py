@@ -21,9 +21,6 @@ import hessop
 from conftest import backend_params, to_numpy
 from hessop.algorithms import _basis
 
-# The tests share module fixtures: one pytest-xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("eig")
-
 D = 120
 # Indefinite, with a cluster at the top and a double eigenvalue at the bottom.
 SPEC = np.concatenate([[-6.0, -6.0, -5.0], np.linspace(-1.0, 1.0, D - 6), [4.0, 4.01, 4.02]])

@@ -17,9 +17,6 @@ from model_utils import (  # noqa: E402
     torch_hvps,
 )
 
-# The tests share module fixtures: one pytest-xdist worker runs them all.
-pytestmark = pytest.mark.xdist_group("model_hessian")
-
 MODES = ["auto", "forward-over-reverse", "reverse-over-forward", "reverse-over-reverse", "dense"]
 MODELS = ["mlp", "cnn", "transformer"]
 # XLA compiles each mode's functions in seconds for the CNN and the transformer on a CPU:
