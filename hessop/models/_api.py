@@ -178,6 +178,7 @@ def prepare(
         process_group=process_group,
     )
     key = getattr(adapter, "key", None)
+    checks_key = getattr(adapter, "checks_key", None)
     loss = Loss(
         adapter.loss,
         spec,
@@ -187,6 +188,7 @@ def prepare(
         device=dev,
         what="loss_fn(model(x), y)",
         key=(key, reduction) if key is not None else None,
+        checks_key=(checks_key, reduction) if checks_key is not None else None,
     )
     if loss.seed is not None:
         _check_fixed_seed_mode(mode)
@@ -370,6 +372,9 @@ def model_hvp(
     """
     kw.setdefault("cache", False)  # one product: do not keep the graph alive
     H = model_hessian(model, loss_fn, (x, y), params=params, backend=backend, mode=mode, **kw)
+    # Built just now and used once below: checking the state before that one product would
+    # only fingerprint every parameter and batch array a second time.
+    H.watch.just_recorded()
     spec = H.spec
     if _pytree.is_array(v) and (spec.root is not None or len(v.shape) == 1):
         if tuple(v.shape) != (H.shape[0],):
@@ -378,12 +383,13 @@ def model_hvp(
                 f"a params-shaped pytree ({spec.describe()})"
             )
         return H.matvec(v)  # checks the length, the framework, dtype and device
-    if isinstance(v, (list, tuple)) and isinstance(H.params, dict) and spec.root is not None:
+    point = _pytree.unflatten(spec, list(H._leaves))  # H.params would check the state again
+    if isinstance(v, (list, tuple)) and isinstance(point, dict) and spec.root is not None:
         if len(v) != spec.num_leaves:
             raise ShapeError(
                 f"v has {len(v)} entries but {spec.num_leaves} parameters are selected "
                 f"({spec.describe()})"
             )
-        out = H.unravel(H @ H.ravel(dict(zip(H.params, v))))
+        out = H.unravel(H @ H.ravel(dict(zip(point, v))))
         return type(v)(out.values())
     return H.unravel(H @ H.ravel(v))

@@ -17,8 +17,11 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -100,10 +103,11 @@ def module_groups(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def random_modules(model: nn.Module) -> list[str]:
-    """Modules that draw random numbers in their current mode (dropout with ``p > 0``)."""
+def random_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = None) -> list[str]:
+    """Modules that draw random numbers in their current mode (dropout with ``p > 0``);
+    ``named`` is ``list(model.named_modules())`` when the caller has it."""
     found = []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if named is None else named:
         if not m.training:
             continue
         p = None
@@ -116,6 +120,36 @@ def random_modules(model: nn.Module) -> list[str]:
         if isinstance(p, (int, float)) and p > 0:
             found.append(f"{name or '<root>'} ({type(m).__name__}, p={p})")
     return found
+
+
+_PLAIN = frozenset({bool, int, float, str, type(None), tuple})
+_FUNCTIONS = frozenset({types.FunctionType, types.MethodType, functools.partial})
+_HOOK_DICTS = frozenset({dict, collections.OrderedDict})
+
+
+def behaviour(modules: Iterable[nn.Module]) -> tuple[Any, ...]:
+    """What decides how ``modules`` compute besides their tensors and train/eval flags,
+    as a hashable summary: their types, their plain attributes (``p``, ``eps``, sizes), the
+    hooks registered on them (by handle id, never reused) and functions set on them (a
+    replaced ``forward``, by identity).
+
+    Operators of a model with the same summary (and the same loss) run the same code:
+    the checks of a loss's first evaluations (randomness, ``.item()``) need not run again.
+    (A tuple holding something unhashable makes the summary unhashable: never shared.)
+    """
+    out = []
+    for m in modules:
+        items = []
+        for k, v in vars(m).items():
+            kind = type(v)
+            if kind in _PLAIN:
+                items.append((k, v))
+            elif kind in _FUNCTIONS:
+                items.append((k, id(v)))
+            elif kind in _HOOK_DICTS and v and "hook" in k:
+                items.append((k, tuple(v)))
+        out.append((type(m), tuple(items)))
+    return tuple(out)
 
 
 def batchnorm_modules(model: nn.Module) -> list[str]:
@@ -198,13 +232,27 @@ class TorchModuleModel:
         self.params = {n: native(named[n]) for n in self.names}
         self.fixed = {n: native(p) for n, p in named.items() if n not in chosen}
         self.buffers = {n: native(b) for n, b in model.named_buffers() if b is not None}
+        named_modules = list(model.named_modules())
+        self.modules = [m for _, m in named_modules]
         # Whether a forward pass may update buffers in place (BatchNorm in training mode);
         # the flags are watched, so this holds for the operator's life.
-        self.training = any(m.training for m in model.modules())
+        self.training = any(m.training for m in self.modules)
         self.seed = int(seed) if allow_randomness == "fixed-seed" else None
         self.allow_randomness = allow_randomness
+        #: the model's identity and what decides its code path, for Loss.skip_checks_if_seen
+        #: (no reference to the model: the key outlives the operator)
+        loss_modules = list(loss_fn.modules()) if isinstance(loss_fn, nn.Module) else []
+        self.checks_key = (
+            "module",
+            id(model),
+            behaviour(self.modules + loss_modules),
+            loss_fn,
+            tuple(self.names),
+            dtype,
+            self.device,
+        )
         if allow_randomness is None:
-            found = random_modules(model)
+            found = random_modules(model, named_modules)
             if found:
                 raise RandomnessError(
                     randomness_message(
@@ -218,7 +266,7 @@ class TorchModuleModel:
         buffers, the train/eval flags, and what ``loss_fn`` reads."""
         for n, t in {**self.fixed, **self.buffers}.items():
             watch.add_array(f"{'buffer' if n in self.buffers else 'parameter'} {n!r}", t)
-        modules = list(self.model.modules())
+        modules = self.modules
         watch.add_flags(
             f"the train/eval mode of the {type(self.model).__name__}",
             lambda: tuple(m.training for m in modules),
