@@ -170,3 +170,52 @@ def test_later_builds_of_an_unchanged_model_skip_the_first_evaluation_checks(mon
     H = hessop.model_hessian(model, LOSS, (x, y))
     H @ torch.ones(H.shape[0], dtype=torch.float64)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("build", ["model_ggn", "model_fisher"])
+def test_jax_curvature_operators_per_batch_compile_once(build: str) -> None:
+    """A GGN or Fisher operator per batch (a training loop) reuses the compiled products
+    of the same functions, and each gives its own batch's matrix; a closure that changed
+    gets functions of its own."""
+    jax = pytest.importorskip("jax")
+    import numpy as np
+
+    jnp = jax.numpy
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 2)), dtype=jnp.float32)}
+    scale = {"s": 1.0}
+
+    def apply(p, x):
+        return jnp.tanh(x @ p["w"]) * scale["s"]
+
+    def loss_fn(out, y):
+        return jnp.mean((out - y) ** 2)
+
+    def dense(x, y):
+        """The matrix by jax.jacfwd (GGN) or per-sample gradients (Fisher), float64."""
+        w = np.asarray(params["w"], dtype=np.float64)
+        x64, y64 = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        out = np.tanh(x64 @ w) * scale["s"]
+        # d out[i, k] / d w[a, b] = (1 - tanh^2) s x[i, a] [k == b]
+        J = np.einsum("ik,ia,kb->ikab", (1 - np.tanh(x64 @ w) ** 2) * scale["s"], x64, np.eye(2))
+        J = J.reshape(len(x64), 2, 6)
+        n = len(x64)
+        if build == "model_ggn":
+            return sum(J[i].T @ J[i] for i in range(n)) * 2 / (n * 2)
+        g = np.stack([J[i].T @ (2 * (out[i] - y64[i]) / 2) for i in range(n)])
+        return g.T @ g / n
+
+    fns = []
+    for seed in (1, 2):
+        r = np.random.default_rng(seed)
+        x = jnp.asarray(r.standard_normal((5, 3)), dtype=jnp.float32)
+        y = jnp.asarray(r.standard_normal((5, 2)), dtype=jnp.float32)
+        G = getattr(hessop, build)(apply, loss_fn, (x, y), params=params)
+        np.testing.assert_allclose(np.asarray(G.to_dense()), dense(x, y), rtol=1e-4, atol=1e-5)
+        k = G._kernel
+        fns.append(k._mv if build == "model_ggn" else k._grads)
+    assert fns[0] is fns[1]
+    scale["s"] = 2.0  # what apply reads changed: another function
+    G = getattr(hessop, build)(apply, loss_fn, (x, y), params=params)
+    np.testing.assert_allclose(np.asarray(G.to_dense()), dense(x, y), rtol=1e-4, atol=1e-5)
+    assert (G._kernel._mv if build == "model_ggn" else G._kernel._grads) is not fns[0]

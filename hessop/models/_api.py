@@ -24,6 +24,7 @@ from .._hessian import (
 )
 from .._loss import Loss
 from .._operator import native_dtype
+from .._sharing import ShareKey
 from .._state import StateWatch
 from .._streamed import REDUCTIONS, Batches
 from ..backends import Backend, framework_of_object, get_backend, resolve_backend
@@ -46,6 +47,18 @@ class Prepared:
     watch: StateWatch
     backend: Backend
     device: Any
+
+
+def share_key(p: Prepared, kind: str) -> ShareKey | None:
+    """The key under which ``kind`` operators (``"ggn"``, ``"fisher"``) of the same model
+    functions, loss, layout and watched state share their compiled functions, so that an
+    operator per batch compiles once (None: not shared; a module adapter holds tensors of
+    its own and has no ``key``)."""
+    key = getattr(p.model, "key", None)
+    if key is None or not p.watch.shareable:
+        return None
+    loss = p.loss
+    return ShareKey((kind, loss.key, loss.spec, loss.seed, p.watch.key()), p.watch.kept())
 
 
 def _adapter(model, loss_fn, params, backend, dtype, device, allow_randomness, seed, data):
