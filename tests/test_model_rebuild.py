@@ -52,7 +52,9 @@ def _built_twice(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         H @ torch.ones(H.shape[0], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("change", ["new parameter", "submodule replaced", "requires_grad"])
+@pytest.mark.parametrize(
+    "change", ["new parameter", "submodule replaced", "requires_grad", "parameter replaced"]
+)
 def test_a_structural_change_between_builds_is_seen(change: str) -> None:
     x, y = _data()
     model = _model()
@@ -63,8 +65,10 @@ def test_a_structural_change_between_builds_is_seen(change: str) -> None:
     elif change == "submodule replaced":
         torch.manual_seed(1)
         model[0] = nn.Linear(3, 4).double()
-    else:
+    elif change == "requires_grad":
         model[0].weight.requires_grad_(False)
+    else:
+        model[0].weight = nn.Parameter(2 * model[0].weight.detach())
     H = hessop.model_hessian(model, LOSS, (x, y))
     ref = _reference(model, x, y)
     assert H.shape == ref.shape
@@ -219,3 +223,26 @@ def test_jax_curvature_operators_per_batch_compile_once(build: str) -> None:
     G = getattr(hessop, build)(apply, loss_fn, (x, y), params=params)
     np.testing.assert_allclose(np.asarray(G.to_dense()), dense(x, y), rtol=1e-4, atol=1e-5)
     assert (G._kernel._mv if build == "model_ggn" else G._kernel._grads) is not fns[0]
+
+
+def test_a_replaced_buffer_is_read_by_the_next_build() -> None:
+    x, y = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().eval()
+    _built_twice(model, x, y)
+    model[1].running_var = torch.full((4,), 4.0, dtype=torch.float64)
+    H = hessop.model_hessian(model, LOSS, (x, y))
+    torch.testing.assert_close(H.to_dense(), _reference(model, x, y), rtol=1e-10, atol=1e-12)
+
+
+def test_what_a_build_remembers_of_a_model_does_not_keep_it_alive() -> None:
+    import gc
+    import weakref
+
+    x, y = _data()
+    model = _model()
+    _built_twice(model, x, y)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
