@@ -300,11 +300,11 @@ class TorchModuleModel:
             self.device,
         )
         if allow_randomness is None:
-            found = random_modules(model, named_modules)
-            if found:
+            drawing = random_modules(model, named_modules)
+            if drawing:
                 raise RandomnessError(
                     randomness_message(
-                        "modules in training mode draw dropout masks: " + "; ".join(found)
+                        "modules in training mode draw dropout masks: " + "; ".join(drawing)
                     )
                 )
 
