@@ -164,7 +164,7 @@ def build_hessian(
     share, prefix = None, (loss.key, loss.spec, mode, loss.seed)
     if watch.shareable and not any(backend.is_tracer(x) for x in leaves):
         share = ShareKey((*prefix, watch.key()), watch.kept())
-        loss.skip_checks_if_seen(ShareKey((loss.key, loss.spec, loss.seed, watch.key())))
+        loss.skip_checks_if_seen(ShareKey((loss.checks_key, loss.spec, loss.seed, watch.key())))
     options = KernelOptions(device, differentiable, compile, cache, chunk_size, share)
     kernel = backend.hessian_kernel(loss, mode, options)
     H = HessianOperator(
@@ -181,7 +181,8 @@ def build_hessian(
         mode=mode,
         differentiable=differentiable,
     )
-    H._share, H._share_prefix = share, prefix
+    H._share = share if kernel.shares_compilations else None
+    H._share_prefix = prefix
     if compile:
         first = batches.first()
         # no local batch (distributed): compiled at the first product

@@ -59,6 +59,10 @@ class Loss:
     key : hashable, optional
         What identifies the function when operators share compilations; default ``f``.
         Model adapters build a new ``f`` per operator and pass the model and loss instead.
+    checks_key : hashable, optional
+        What identifies the function's behaviour for :meth:`skip_checks_if_seen`; default
+        ``key``. A module adapter passes its model's identity and structure here, but no
+        ``key``: a compilation must not outlive the adapter's tensors, a passed check may.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class Loss:
         device: Any = None,
         what: str = "the loss",
         key: Any = None,
+        checks_key: Any = None,
     ) -> None:
         if allow_randomness not in RANDOMNESS_OPTIONS:
             raise unknown("allow_randomness option", allow_randomness, ["fixed-seed"])
@@ -81,6 +86,7 @@ class Loss:
         self.device, self.what = device, what
         #: what identifies the function for sharing compilations (default: ``f`` itself)
         self.key = f if key is None else key
+        self.checks_key = self.key if checks_key is None else checks_key
         self._unchecked = 0 if self.seed is not None else _CHECKED_CALLS
         #: False inside compiled code, where nothing but the function itself may run
         self.checks = True

@@ -47,10 +47,11 @@ def _backend_of(x: Any) -> Any:
 _BACKEND_OF_TYPE: dict[type, Any] = {}
 
 
-def _fingerprint_of(x: Any, memo: dict[Any, Any] | None = None) -> Any:
+def _fingerprint_of(x: Any, memo: dict[Any, Any] | None = None, bk: Any = _MISSING) -> Any:
     """The backend's fingerprint of ``x``; ``memo`` shares it between views of the same
     memory within one check (a model's parameters are often also the point)."""
-    bk = _backend_of(x)
+    if bk is _MISSING:
+        bk = _backend_of(x)
     if bk is None:
         return None
     key = bk.memory_key(x) if memo is not None else None
@@ -72,11 +73,18 @@ class _Binding:
     __slots__ = ("label", "read", "value", "fingerprint", "by_value")
 
     def __init__(
-        self, label: str, read: Callable[[], Any], value: Any, memo: dict[Any, Any] | None = None
+        self,
+        label: str,
+        read: Callable[[], Any],
+        value: Any,
+        memo: dict[Any, Any] | None = None,
+        fingerprint: Any = _MISSING,
     ) -> None:
         self.label, self.read, self.value = label, read, value
         self.by_value = isinstance(value, _SCALARS)
-        self.fingerprint = _fingerprint_of(value, memo) if is_array(value) else None
+        if fingerprint is _MISSING:
+            fingerprint = _fingerprint_of(value, memo) if is_array(value) else None
+        self.fingerprint = fingerprint
 
     def changed(self, memo: dict[Any, Any]) -> str | None:
         """Why this binding no longer holds its recorded value (None when it does)."""
@@ -131,14 +139,20 @@ class StateWatch:
         self.shareable = True
         self._memo: dict[Any, Any] = {}  # fingerprints by memory, while recording
         self._functions: list[tuple[Any, str]] = []  # what add_function scanned
+        self._skip_next = False  # see just_recorded
 
     # --- recording ------------------------------------------------------------------------
     def add_array(self, label: str, x: Any) -> None:
         """Watch an array the operator holds: it must not change in place."""
-        if _is_tracer(x):
+        bk = _backend_of(x)
+        if bk is None:
+            return
+        if bk.is_tracer(x):  # an abstract value has no contents to fingerprint
             self.shareable = False
-        if _fingerprint_of(x, self._memo) is not None:
-            self._held.append(_Binding(label, lambda: x, x, self._memo))
+            return
+        fingerprint = _fingerprint_of(x, self._memo, bk)
+        if fingerprint is not None:
+            self._held.append(_Binding(label, lambda: x, x, fingerprint=fingerprint))
 
     def add_flags(self, label: str, read: Callable[[], Any]) -> None:
         """Watch a value compared by equality (train/eval flags)."""
@@ -164,8 +178,17 @@ class StateWatch:
         (self._bindings if refresh else self._held).append(_Binding(label, read, value, self._memo))
 
     # --- checking -------------------------------------------------------------------------
+    def just_recorded(self) -> None:
+        """Let the next :meth:`check` pass without reading anything: for a caller that
+        recorded the state and uses the operator at once, with no user code run in between
+        (:func:`hessop.model_hvp`), where checking would only read every array again."""
+        self._skip_next = True
+
     def check(self) -> None:
         """Raise :class:`~hessop.StaleOperatorError` if anything recorded changed."""
+        if self._skip_next:
+            self._skip_next = False
+            return
         for label, read, value in self._flags:
             if read() != value:
                 raise StaleOperatorError(

@@ -201,10 +201,13 @@ class StreamedOperator(PointLayout, LinearOperator):
         xp = self.xp
         if self._bk.is_tracer(out) or (V is not None and self._bk.is_tracer(V)):
             return  # inside a transformation: values are not known
+        if bool(xp.any(out != 0)):
+            self._verified = True  # the usual case: one pass over the result, none over V
+            return
         if V is not None and not bool(xp.any(V != 0)):
             return  # a zero vector proves nothing
         self._verified = True
-        if not bool(xp.any(out != 0)) and not self._kernel.depends_on_point(self._point, args):
+        if not self._kernel.depends_on_point(self._point, args):
             raise self.loss.independent_error()
 
     def _stream(self, per_batch: Callable[[tuple[Any, ...]], Any], like: Any = None) -> Any:

@@ -257,6 +257,9 @@ class CurvatureKernel:
 
     #: whether :meth:`linearize` / :meth:`apply` exist
     linearizable: bool = False
+    #: whether the kernel shares compiled functions under its share key (else the operator
+    #: skips re-keying them after its first uses, a rescan of what the loss reads)
+    shares_compilations: bool = True
 
     def product(self, point: tuple[Any, ...], args: tuple[Any, ...], V: Any) -> Any:
         """The batch's matrix times a vector ``(d,)`` or a block ``(d, k)``."""

@@ -24,6 +24,7 @@ from .._hessian import (
 )
 from .._loss import Loss
 from .._operator import native_dtype
+from .._sharing import ShareKey
 from .._state import StateWatch
 from .._streamed import REDUCTIONS, Batches
 from ..backends import Backend, framework_of_object, get_backend, resolve_backend
@@ -46,6 +47,18 @@ class Prepared:
     watch: StateWatch
     backend: Backend
     device: Any
+
+
+def share_key(p: Prepared, kind: str) -> ShareKey | None:
+    """The key under which ``kind`` operators (``"ggn"``, ``"fisher"``) of the same model
+    functions, loss, layout and watched state share their compiled functions, so that an
+    operator per batch compiles once (None: not shared; a module adapter holds tensors of
+    its own and has no ``key``)."""
+    key = getattr(p.model, "key", None)
+    if key is None or not p.watch.shareable:
+        return None
+    loss = p.loss
+    return ShareKey((kind, loss.key, loss.spec, loss.seed, p.watch.key()), p.watch.kept())
 
 
 def _adapter(model, loss_fn, params, backend, dtype, device, allow_randomness, seed, data):
@@ -178,6 +191,7 @@ def prepare(
         process_group=process_group,
     )
     key = getattr(adapter, "key", None)
+    checks_key = getattr(adapter, "checks_key", None)
     loss = Loss(
         adapter.loss,
         spec,
@@ -187,6 +201,7 @@ def prepare(
         device=dev,
         what="loss_fn(model(x), y)",
         key=(key, reduction) if key is not None else None,
+        checks_key=(checks_key, reduction) if checks_key is not None else None,
     )
     if loss.seed is not None:
         _check_fixed_seed_mode(mode)
@@ -370,6 +385,9 @@ def model_hvp(
     """
     kw.setdefault("cache", False)  # one product: do not keep the graph alive
     H = model_hessian(model, loss_fn, (x, y), params=params, backend=backend, mode=mode, **kw)
+    # Built just now and used once below: checking the state before that one product would
+    # only fingerprint every parameter and batch array a second time.
+    H.watch.just_recorded()
     spec = H.spec
     if _pytree.is_array(v) and (spec.root is not None or len(v.shape) == 1):
         if tuple(v.shape) != (H.shape[0],):
@@ -378,12 +396,13 @@ def model_hvp(
                 f"a params-shaped pytree ({spec.describe()})"
             )
         return H.matvec(v)  # checks the length, the framework, dtype and device
-    if isinstance(v, (list, tuple)) and isinstance(H.params, dict) and spec.root is not None:
+    point = _pytree.unflatten(spec, list(H._leaves))  # H.params would check the state again
+    if isinstance(v, (list, tuple)) and isinstance(point, dict) and spec.root is not None:
         if len(v) != spec.num_leaves:
             raise ShapeError(
                 f"v has {len(v)} entries but {spec.num_leaves} parameters are selected "
                 f"({spec.describe()})"
             )
-        out = H.unravel(H @ H.ravel(dict(zip(H.params, v))))
+        out = H.unravel(H @ H.ravel(dict(zip(point, v))))
         return type(v)(out.values())
     return H.unravel(H @ H.ravel(v))

@@ -22,10 +22,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _checks, _pytree
+from .._sharing import SharedFunctions
 from .._streamed import CurvatureOperator
 from ..backends._base import CurvatureKernel, KernelOptions
-from ._api import prepare
+from ._api import prepare, share_key
 from ._data import batch_axes, converter, sample_count
+
+#: per-sample gradient functions, shared by the Fisher operators of the same model
+_SHARED = SharedFunctions(maxsize=16)
 
 
 class FisherKernel(CurvatureKernel):
@@ -40,7 +44,11 @@ class FisherKernel(CurvatureKernel):
         self.hessian = backend.hessian_kernel(loss, backend.auto_mode, options)
         self.randomness = "error" if getattr(model, "seed", None) is None else "different"
         self.mean = True  # set by model_fisher from the reduction
-        self._grads = self.transforms.jit(self._per_sample)
+        if options.share_key is None:
+            self._grads = self.transforms.jit(self._per_sample)
+        else:  # an operator per batch: compiled once (its function is the same)
+            key = options.share_key
+            self._grads = _SHARED.get(key, lambda: self.transforms.jit(self._per_sample))
 
     def _per_sample(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> Any:
         tr, xp, spec, model = self.transforms, self.backend.xp, self.spec, self.model
@@ -189,9 +197,10 @@ def model_fisher(
         )
     cache = not p.batches.streamed if cache is None else _checks.flag(cache, "cache")
     chunk_size = _checks.optional_integer(chunk_size, "chunk_size", minimum=1)
-    kernel = FisherKernel(
-        p.model, p.loss, p.backend, KernelOptions(p.device, cache=cache, chunk_size=chunk_size)
+    options = KernelOptions(
+        p.device, cache=cache, chunk_size=chunk_size, share_key=share_key(p, "fisher")
     )
+    kernel = FisherKernel(p.model, p.loss, p.backend, options)
     kernel.mean = p.batches.reduction == "mean"
     return FisherOperator(
         p.leaves,

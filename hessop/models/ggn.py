@@ -27,7 +27,7 @@ from typing import Any
 from .. import _checks
 from .._streamed import CurvatureOperator
 from ..backends._base import KernelOptions
-from ._api import prepare
+from ._api import prepare, share_key
 
 
 class GGNOperator(CurvatureOperator):
@@ -113,7 +113,9 @@ def model_ggn(
     )
     cache = not p.batches.streamed if cache is None else _checks.flag(cache, "cache")
     chunk_size = _checks.optional_integer(chunk_size, "chunk_size", minimum=1)
-    options = KernelOptions(p.device, cache=cache, chunk_size=chunk_size)
+    options = KernelOptions(
+        p.device, cache=cache, chunk_size=chunk_size, share_key=share_key(p, "ggn")
+    )
     kernel = p.backend.ggn_kernel(p.model, p.loss, options)
     return GGNOperator(
         p.leaves,

@@ -10,7 +10,7 @@ import jax
 
 from ... import _pytree
 from .._base import CurvatureKernel, KernelOptions
-from ._kernel import JaxHessianKernel, ravel_in_jit
+from ._kernel import _SHARED, JaxHessianKernel, ravel_in_jit
 
 
 class JaxGGNKernel(CurvatureKernel):
@@ -20,16 +20,11 @@ class JaxGGNKernel(CurvatureKernel):
         spec = loss.spec
         self.hessian = JaxHessianKernel(loss, "forward-over-reverse", options)
 
-        def mv(p: tuple[Any, ...], v: Any, args: tuple[Any, ...]) -> Any:
-            x, y = args
-            out, lin = jax.linearize(lambda q: model.output(_pytree.unflatten(spec, list(q)), x), p)
-            grad_loss = jax.grad(lambda o: model.loss_fn(o, y))
-            t = tuple(_pytree.unravel(jax.numpy, spec, v))
-            HJv = jax.jvp(grad_loss, (out,), (lin(t),))[1]
-            return ravel_in_jit(jax.linear_transpose(lin, p)(HJv)[0], spec.size)
-
-        self._mv = jax.jit(mv)
-        self._mm = jax.jit(jax.vmap(mv, in_axes=(None, 1, None), out_axes=1))
+        if options.share_key is None:
+            self._mv, self._mm = _functions(model, spec)
+        else:  # an operator per batch: compiled once (its function is the same)
+            key = ("ggn", options.share_key)
+            self._mv, self._mm = _SHARED.get(key, lambda: _functions(model, spec))
 
     def product(self, point: tuple[Any, ...], args: tuple[Any, ...], V: Any) -> Any:
         return self._mv(point, V, args) if V.ndim == 1 else self._mm(point, V, args)
@@ -39,3 +34,17 @@ class JaxGGNKernel(CurvatureKernel):
 
     def depends_on_point(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> bool:
         return self.hessian.depends_on_point(point, args)
+
+
+def _functions(model: Any, spec: Any) -> tuple[Any, Any]:
+    """The jitted vector and block products."""
+
+    def mv(p: tuple[Any, ...], v: Any, args: tuple[Any, ...]) -> Any:
+        x, y = args
+        out, lin = jax.linearize(lambda q: model.output(_pytree.unflatten(spec, list(q)), x), p)
+        grad_loss = jax.grad(lambda o: model.loss_fn(o, y))
+        t = tuple(_pytree.unravel(jax.numpy, spec, v))
+        HJv = jax.jvp(grad_loss, (out,), (lin(t),))[1]
+        return ravel_in_jit(jax.linear_transpose(lin, p)(HJv)[0], spec.size)
+
+    return jax.jit(mv), jax.jit(jax.vmap(mv, in_axes=(None, 1, None), out_axes=1))

@@ -32,6 +32,8 @@ _FORWARD_MODES = ("forward-over-reverse", "reverse-over-forward")
 class TorchHessianKernel(CurvatureKernel):
     """Per-batch Hessian products of a :class:`hessop._loss.Loss` (see the module doc)."""
 
+    shares_compilations = False  # eager: nothing compiled to share
+
     def __init__(self, loss: Any, mode: str, options: KernelOptions) -> None:
         self.loss, self.mode, self.spec = loss, mode, loss.spec
         self.differentiable = options.differentiable

@@ -17,8 +17,11 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -100,10 +103,11 @@ def module_groups(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def random_modules(model: nn.Module) -> list[str]:
-    """Modules that draw random numbers in their current mode (dropout with ``p > 0``)."""
+def random_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = None) -> list[str]:
+    """Modules that draw random numbers in their current mode (dropout with ``p > 0``);
+    ``named`` is ``list(model.named_modules())`` when the caller has it."""
     found = []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if named is None else named:
         if not m.training:
             continue
         p = None
@@ -115,6 +119,79 @@ def random_modules(model: nn.Module) -> list[str]:
             p = getattr(m, "p", getattr(m, "drop_prob", None))
         if isinstance(p, (int, float)) and p > 0:
             found.append(f"{name or '<root>'} ({type(m).__name__}, p={p})")
+    return found
+
+
+_PLAIN = frozenset({bool, int, float, str, type(None), tuple})
+_FUNCTIONS = frozenset({types.FunctionType, types.MethodType, functools.partial})
+_DICTS = frozenset({dict, collections.OrderedDict})
+
+
+def behaviour(modules: Iterable[nn.Module]) -> tuple[Any, ...]:
+    """What decides how ``modules`` compute besides the contents of their tensors, as a
+    hashable summary: their types, their plain attributes (``training``, ``p``, sizes), the
+    hooks registered on them (by handle id, never reused), functions set on them (a
+    replaced ``forward``) and, by identity, their parameters (with ``requires_grad``),
+    buffers and submodules.
+
+    Operators of a model with the same summary (and the same loss) run the same code:
+    the checks of a loss's first evaluations (randomness, ``.item()``) need not run again,
+    and the model's traversals (:func:`structure`) give the same names and tensors.
+    (A tuple holding something unhashable makes the summary unhashable: never shared.)
+    """
+    out = []
+    for m in modules:
+        d = vars(m)
+        items = d.items()
+        out.append(
+            (
+                type(m),
+                tuple([(k, v) for k, v in items if type(v) in _PLAIN]),
+                tuple([(k, id(v)) for k, v in items if type(v) in _FUNCTIONS]),
+                tuple([(k, tuple(v)) for k, v in items if type(v) in _DICTS and v and "hook" in k]),
+                tuple(
+                    [
+                        (n, id(p), p.requires_grad)
+                        for n, p in d["_parameters"].items()
+                        if p is not None
+                    ]
+                ),
+                tuple([(n, id(b)) for n, b in d["_buffers"].items()]),
+                tuple([(n, id(c)) for n, c in d["_modules"].items()]),
+            )
+        )
+    return tuple(out)
+
+
+class Structure:
+    """What traversing a model gives: its parameters and buffers by name, its submodules
+    (not the model itself: a structure is cached under the model as a weak key), and the
+    :func:`behaviour` summary of the model and its submodules that says whether this
+    still holds."""
+
+    __slots__ = ("summary", "named", "buffers", "submodules")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.named = dict(model.named_parameters())
+        self.buffers = {n: b for n, b in model.named_buffers() if b is not None}
+        self.submodules = list(model.named_modules())[1:]
+        self.summary = behaviour([model, *(m for _, m in self.submodules)])
+
+
+#: the last structure of each model
+_STRUCTURES: weakref.WeakKeyDictionary[nn.Module, Structure] = weakref.WeakKeyDictionary()
+
+
+def structure(model: nn.Module) -> Structure:
+    """The model's :class:`Structure`, reused from its last build when its summary is the
+    same: every parameter, buffer and submodule the same object, the same flags,
+    ``requires_grad``, attributes and hooks (an operator per batch traverses nothing)."""
+    found = _STRUCTURES.get(model)
+    if found is not None and behaviour([model, *(m for _, m in found.submodules)]) == (
+        found.summary
+    ):
+        return found
+    found = _STRUCTURES[model] = Structure(model)
     return found
 
 
@@ -172,8 +249,12 @@ class TorchModuleModel:
     ) -> None:
         self.backend, self.model, self.loss_fn = backend, model, loss_fn
         self._call_lock = call_lock(model)
-        self.names = select_parameters(model, params)
-        named = dict(model.named_parameters())
+        found = structure(model)
+        named = found.named
+        if params is None:  # the trainable ones: part of the summary, so the same
+            self.names = [n for n, p in named.items() if p.requires_grad]
+        if params is not None or not self.names:
+            self.names = select_parameters(model, params)  # (or the error that none is)
         dtypes = {named[n].dtype for n in self.names}
         if dtype is None:
             if len(dtypes) > 1:
@@ -197,18 +278,33 @@ class TorchModuleModel:
         chosen = set(self.names)
         self.params = {n: native(named[n]) for n in self.names}
         self.fixed = {n: native(p) for n, p in named.items() if n not in chosen}
-        self.buffers = {n: native(b) for n, b in model.named_buffers() if b is not None}
+        self.buffers = {n: native(b) for n, b in found.buffers.items()}
+        named_modules = [("", model), *found.submodules]
+        self.modules = [m for _, m in named_modules]
         # Whether a forward pass may update buffers in place (BatchNorm in training mode);
         # the flags are watched, so this holds for the operator's life.
-        self.training = any(m.training for m in model.modules())
+        self.training = any(m.training for m in self.modules)
         self.seed = int(seed) if allow_randomness == "fixed-seed" else None
         self.allow_randomness = allow_randomness
+        #: the model's identity and what decides its code path, for Loss.skip_checks_if_seen
+        #: (no reference to the model: the key outlives the operator)
+        loss_modules = list(loss_fn.modules()) if isinstance(loss_fn, nn.Module) else []
+        self.checks_key = (
+            "module",
+            id(model),
+            found.summary,
+            behaviour(loss_modules),
+            loss_fn,
+            tuple(self.names),
+            dtype,
+            self.device,
+        )
         if allow_randomness is None:
-            found = random_modules(model)
-            if found:
+            drawing = random_modules(model, named_modules)
+            if drawing:
                 raise RandomnessError(
                     randomness_message(
-                        "modules in training mode draw dropout masks: " + "; ".join(found)
+                        "modules in training mode draw dropout masks: " + "; ".join(drawing)
                     )
                 )
 
@@ -218,7 +314,7 @@ class TorchModuleModel:
         buffers, the train/eval flags, and what ``loss_fn`` reads."""
         for n, t in {**self.fixed, **self.buffers}.items():
             watch.add_array(f"{'buffer' if n in self.buffers else 'parameter'} {n!r}", t)
-        modules = list(self.model.modules())
+        modules = self.modules
         watch.add_flags(
             f"the train/eval mode of the {type(self.model).__name__}",
             lambda: tuple(m.training for m in modules),
