@@ -111,6 +111,7 @@ class SharpnessTracker:
     Examples
     --------
     >>> import torch, hessop
+    >>> _ = torch.manual_seed(0)                            # the model's initial weights
     >>> g = torch.Generator().manual_seed(0)
     >>> model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
     ...                             torch.nn.Linear(8, 1)).double()
@@ -128,7 +129,7 @@ class SharpnessTracker:
     ([0, 5, 10, 15], [False, True, True, True])
     >>> H = hessop.model_hessian(model, loss_fn, (x, y)).to_dense()   # the final model
     >>> rec = tracker(model, loss_fn, (x, y), step=20)
-    >>> bool(abs(rec.sharpness - torch.linalg.eigvalsh(H)[-1]) < 1e-6 * rec.sharpness)
+    >>> bool(abs(rec.sharpness - torch.linalg.eigvalsh(H)[-1]) < 1e-5 * rec.sharpness)
     True
     """
 
