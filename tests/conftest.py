@@ -265,6 +265,20 @@ SLOW_JAX_DUPLICATES = {
     # covered by test_forward_matches[mlp], test_forward_matches[transformer]
     "tests/test_reference_models.py::test_forward_matches[mlp-gelu]",
     "tests/test_reference_models.py::test_loss_matches[transformer]",
+    # covered by test_jacobians_match_loop[jax-auto-wide] and test_jacobians_every_strategy
+    "tests/test_per_sample.py::test_jacobians_match_loop[jax-forward-wide]",
+    "tests/test_per_sample.py::test_jacobians_match_loop[jax-forward-tall]",
+    "tests/test_per_sample.py::test_jacobians_match_loop[jax-auto-tall]",
+    # covered by test_jacobian_pytree_and_argnums[jax-auto], test_jacobian_references[jax-auto-wide]
+    "tests/test_jacobians.py::test_jacobian_pytree_and_argnums[jax-reverse]",
+    "tests/test_jacobians.py::test_jacobian_references[jax-auto-tall]",
+    # covered by test_parity_float64[mlp-jax-fd], test_parity_float32[jax-rev-rev]
+    "tests/test_hessian.py::test_parity_float64[logistic-jax-fd]",
+    "tests/test_hessian.py::test_parity_float64[quadcubic-jax-fd]",
+    "tests/test_hessian.py::test_parity_float32[jax-fwd-rev]",
+    # covered by test_hessian_operator_matches_dense[jax], test_eigsh_on_hessian[LA-jax]
+    "tests/test_density.py::test_integrates_to_one_and_finds_the_mass[jax]",
+    "tests/test_eig.py::test_eigsh_matches_eigh[LA-jax]",
     # covered by test_torch_equals_jax[mlp-type-2] and the torch runs
     "tests/test_kfac.py::test_inverse_trace_logdet_diagonal_are_exact[jax-ekfac-False]",
     "tests/test_kfac.py::test_deep_linear_network_blocks_are_exact[reduce-jax]",
