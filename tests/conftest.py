@@ -235,9 +235,9 @@ def shared_operator(name: str, backend: str, mode: str = "auto", dtype: str = "f
 
 
 # JAX runs of backend-parametrized tests that compile for seconds and whose code the default
-# run covers with a faster JAX test in the same file (named after "covered by") and with the
-# torch run of the same test. They run with -m slow (tox -e all). When the whole suite is
-# collected, an id that matches no test is an error, so this list cannot rot silently.
+# run covers with the torch run of the same test and a faster JAX test in the same file (the
+# comment above each group names it). They run with -m slow (tox -e all). When the whole
+# suite is collected, an id that matches no test is an error, so the list cannot rot.
 SLOW_JAX_DUPLICATES = {
     # covered by test_hessians_match_loop[jax], test_hessians_chunk_size[jax-2]
     "tests/test_per_sample.py::test_hessians_float32[jax]",
