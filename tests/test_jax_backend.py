@@ -40,7 +40,7 @@ def dense_reference(params, X, y) -> np.ndarray:
         return loss({k: t.reshape(s) for k, t, s in zip(names, parts, shapes)}, X, y)
 
     w = jnp.concatenate([params[k].reshape(-1) for k in names])
-    return np.asarray(jax.hessian(flat_loss)(w))
+    return np.asarray(jax.jit(jax.hessian(flat_loss))(w))
 
 
 def test_first_product_is_plain_second_builds_the_linear_map():

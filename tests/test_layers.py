@@ -144,7 +144,7 @@ def test_jax_default_groups_are_top_level_keys():
     from jax.flatten_util import ravel_pytree
 
     w, unravel = ravel_pytree(params)
-    D = np.asarray(jax.hessian(lambda w: loss(apply(unravel(w), X), y))(w))
+    D = np.asarray(jax.jit(jax.hessian(lambda w, X, y: loss(apply(unravel(w), X), y)))(w, X, y))
     for layer, B in zip(res, blocks_of(D, [16, 4])):
         np.testing.assert_allclose(layer.eigenvalues, np.linalg.eigvalsh(B)[-1:], rtol=1e-9)
 
