@@ -84,7 +84,9 @@ def reference(case: LossCase) -> np.ndarray:
         import jax.numpy as jnp
 
         args = to_native("jax", case.args)
-        H = jax.hessian(lambda w: case.f(ref_unravel(w, case.params), *args))(jnp.asarray(w0))
+        H = jax.jit(jax.hessian(lambda w, *a: case.f(ref_unravel(w, case.params), *a)))(
+            jnp.asarray(w0), *args
+        )
     _REF_CACHE[case.name] = to_numpy(H)
     return _REF_CACHE[case.name]
 
@@ -413,6 +415,43 @@ def test_torch_kept_graph_from_the_second_product():
     H2 = hessop.hessian(logistic_f, *to_native("torch", (w, X, y)))
     close(H2 @ to_native("torch", V), ref @ V, 1e-10)  # a matmat first: columns 2.. kept
     assert H2._linearization is not None
+
+
+def test_torch_one_off_product_writes_every_block():
+    # The one-off reverse-over-reverse product writes each leaf's result into the flat
+    # output as autograd computes it: a leaf used twice (its contributions summed first),
+    # a leaf the loss is linear in (no gradient graph) and a leaf the second pass never
+    # reaches (its block must be zero, not whatever the buffer held).
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    M = torch.as_tensor(rng.standard_normal((3, 3)))
+    x = torch.as_tensor(rng.standard_normal(2))
+
+    def f(p, M, x):
+        a, b, c, z = p["a"], p["b"], p["c"], p["z"]
+        return (
+            (torch.tanh(M @ a) * a).sum()
+            + (b * a[:2]).sum() ** 2
+            + (c * x).sum()
+            + (z * x.sum()).sum()
+        )
+
+    point = {k[0]: torch.as_tensor(rng.standard_normal(int(k[1]))) for k in "a3 b2 c2 z1".split()}
+    flat = torch.cat(list(point.values()))
+
+    def flat_f(w):
+        return f(dict(zip(point, torch.split(w, [3, 2, 2, 1]))), M, x)
+
+    dense = torch.func.hessian(flat_f)(flat).numpy()
+    for _ in range(2):  # each a fresh operator's one-off product, in a reused buffer pool
+        H = hessop.hessian(f, point, M, x, mode="rev-rev")
+        v = rng.standard_normal(8)
+        close(H @ torch.as_tensor(v), dense @ v, 1e-12)
+        close(H @ torch.as_tensor(v), dense @ v, 1e-12)  # through the kept graph
+    # The blocks the pass never reaches are zeroed, not left as the buffer held them.
+    kernel, v = H._kernel, torch.as_tensor(v)
+    out = kernel.backward(kernel.gradient_graph(H._point, (M, x)), v, False, False, v * np.nan)
+    close(out, dense @ v.numpy(), 1e-12)
 
 
 @pytest.mark.parametrize(
