@@ -20,6 +20,7 @@ GUIDE_FIGURES = [
 ]
 
 
+@pytest.mark.slow  # 20-35 s of the default run; CI (.ci/run) builds the docs with -W itself
 def test_docs_build_without_warnings(tmp_path):
     pytest.importorskip("sphinx")
     pytest.importorskip("myst_parser")
