@@ -57,6 +57,7 @@ def row_fn(model: str, row: str) -> Callable[[], Any]:
     if row == "gradient":
         return s.gradient
     if row == "gradient graph":
+
         def gradient_graph() -> Any:
             ws = {k: p.detach().requires_grad_(True) for k, p in s.params.items()}
             return torch.autograd.grad(s.f(ws, s.x, s.y), list(ws.values()), create_graph=True)
