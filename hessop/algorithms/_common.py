@@ -140,7 +140,15 @@ def to_host(A: LinearOperator, x: Any) -> np.ndarray:
 
 # --- finiteness ------------------------------------------------------------------------------
 def all_finite(A: LinearOperator, x: Any) -> bool:
-    return bool(A.to_numpy(A.xp.all(A.xp.isfinite(x))))
+    """Whether ``x`` holds only finite numbers.
+
+    One sum first: a NaN or an infinity anywhere makes it non-finite, so a finite sum
+    settles it in one read (torch's elementwise ``isfinite`` is ~15x slower on a CPU: 50 ms
+    for a 269k x 30 block); the elementwise test runs only when the sum is not finite, to
+    tell an overflowing sum of finite numbers from a NaN or an infinity.
+    """
+    xp = A.xp
+    return bool(A.to_numpy(xp.isfinite(xp.sum(x)))) or bool(A.to_numpy(xp.all(xp.isfinite(x))))
 
 
 def check_finite_input(A: LinearOperator, x: Any, algo: str, what: str) -> Any:
@@ -192,14 +200,23 @@ def random_probes(
     distribution: str = "rademacher",
     density: float = 1.0,
 ) -> np.ndarray:
-    """``k`` random probe vectors in R^d as a float64 numpy ``(d, k)`` array with E zz^T = I.
+    """``k`` random probe vectors in R^d as a numpy ``(d, k)`` array with E zz^T = I.
 
     Drawn on the host with numpy so every framework sees the same numbers for a seed.
+    Rademacher signs are int8 (exact in every dtype, converted once by the operator's
+    ``asarray``), one random bit each, drawn probe after probe so that each probe (column)
+    is contiguous: the draw and the operator's per-column products read memory in order
+    (on a 269k x 30 block: 170 ms -> 15 ms, against 30 products of 13 ms).
     ``"sparse-rademacher"`` entries are ``+-1/sqrt(density)`` with probability
-    ``density / 2`` each and 0 otherwise: the rescaling keeps E zz^T = I.
+    ``density / 2`` each and 0 otherwise: the rescaling keeps E zz^T = I; the other
+    distributions are float64.
     """
     if distribution == "rademacher":
-        return rng.integers(0, 2, size=(d, k)).astype(np.float64) * 2.0 - 1.0
+        bits = np.frombuffer(rng.bytes((d * k + 7) // 8), dtype=np.uint8)
+        signs = np.unpackbits(bits, count=d * k).view(np.int8).reshape(k, d)
+        signs *= 2
+        signs -= 1
+        return signs.T
     if distribution == "sparse-rademacher":
         u = rng.random((d, k))
         half = density / 2.0

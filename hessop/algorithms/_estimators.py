@@ -120,7 +120,10 @@ def mean_and_error(xp: Any, samples: Any, axis: int) -> tuple[Any, Any]:
     est = xp.mean(samples, axis=axis)
     if m < 2:
         return est, est * float("nan")
-    return est, xp.std(samples, axis=axis, correction=1) / math.sqrt(m)
+    # The two-pass variance written with sums: torch's std along the strided axis of a
+    # (d, k) block took 133 ms for 269k x 30, these reductions 20 ms.
+    dev = samples - xp.expand_dims(est, axis=axis)
+    return est, xp.sqrt(xp.sum(dev * dev, axis=axis) / (m - 1)) / math.sqrt(m)
 
 
 @dataclass(frozen=True)

@@ -75,11 +75,17 @@ class TorchBackend(Backend):
             return x.to(dtype=dtype, device=device or x.device)
         if isinstance(x, np.ndarray) and not x.flags.writeable:
             x = x.copy()  # torch warns on read-only buffers (e.g. from JAX)
+        dtype = self.dtype(dtype) if dtype is not None else None
         # hessop's own copy must be differentiable, also when made under inference mode
         with torch.inference_mode(False):
-            return torch.as_tensor(
-                x, dtype=self.dtype(dtype) if dtype is not None else None, device=device
-            )
+            if isinstance(x, np.ndarray) and x.dtype.isnative and x.dtype.kind in "biuf":
+                try:  # shares the buffer as as_tensor does; a conversion keeps the strides
+                    # and runs as one torch kernel (int8 -> float32 of 8M numbers: 5 ms;
+                    # as_tensor: 32 ms)
+                    return torch.from_numpy(x).to(dtype=dtype, device=device)
+                except (TypeError, ValueError):  # negative strides, unsupported dtypes
+                    pass
+            return torch.as_tensor(x, dtype=dtype, device=device)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return x.detach().cpu().numpy()
