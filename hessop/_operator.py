@@ -264,11 +264,15 @@ class LinearOperator:
         """Wrap as a :class:`scipy.sparse.linalg.LinearOperator` (numpy in, numpy out).
 
         While a torch or JAX product runs, numpy's and scipy's own BLAS libraries are held
-        to one thread (with threadpoolctl, when installed): their idle worker threads
-        would otherwise spin on the cores that the framework's product needs, which made
-        ``scipy.sparse.linalg.eigsh(H.to_scipy())`` 1.6-3x slower on two cores. The limit
-        is lifted after each product, so scipy's own BLAS calls between products keep
-        their threads.
+        to one thread (with threadpoolctl, when installed), and the limit is lifted after
+        each product, so scipy's own BLAS calls between products keep their threads. That
+        is not enough on a CPU: after scipy's multi-threaded BLAS calls (ARPACK's
+        Gram-Schmidt), OpenBLAS's worker threads keep polling for work for up to ~0.1 s
+        and take cores from the framework's product (measured on two cores, torch at its
+        default two threads: a product 58 ms inside ``scipy.sparse.linalg.eigsh`` against
+        9.4 ms outside it). Hold scipy's BLAS to one thread for the whole call instead:
+        ``with threadpoolctl.threadpool_limits(1, user_api="blas"): spla.eigsh(L, ...)``
+        took 0.85 s where the plain call took 4.65 s (:func:`hessop.eigsh`: 0.69 s).
 
         Examples
         --------
