@@ -46,9 +46,9 @@ mode per framework and model and its cost as a multiple of a gradient, hessop ag
 hand-written code (and the peer libraries with --peers), the peak memory. Saves the JSON
 report and a figure to ./hessop-bench/ unless --no-save.
 
-The defaults take about 3 minutes on 2 idle CPU cores and several times longer when other
+The defaults take about 2 minutes on 2 idle CPU cores and several times longer when other
 jobs share them (17-26 minutes at a load of 5-13 on 2 cores); --quick is a smoke test
-of every mode on a tiny MLP (about 25 s of CPU time)."""
+of every mode on a tiny MLP (about 10 s)."""
 
 
 def _csv(valid: Sequence[str]) -> Callable[[str], list[str]]:

@@ -209,7 +209,7 @@ def test_help_explains_the_options(capsys):
         *("--json", "--plot", "--peers", "--quick", "--out", "--no-save", "--targets"),
     ):
         assert option in text
-    assert "about 3 minutes" in text and "performance goals" in text
+    assert "about 2 minutes" in text and "performance goals" in text
 
 
 @pytest.mark.parametrize(
