@@ -18,9 +18,11 @@ a new operator of a loss whose closed-over values changed compiles anew.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._errors import StaleOperatorError
@@ -31,6 +33,22 @@ _MISSING = object()
 _CONTAINER_LIMIT = 64
 _BINDING_LIMIT = 4000
 _SCALARS = (bool, numbers.Number, str, bytes, type(None))
+#: set by :func:`used_at_once` while a one-call convenience builds its operator
+_USED_AT_ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar("used_at_once", default=False)
+
+
+@contextlib.contextmanager
+def used_at_once() -> Iterator[None]:
+    """Build operators that will be used once, at once, and never handed to the user
+    (:func:`hessop.model_hvp`): their watches fingerprint no array they hold and skip the
+    check before their first use. No user code runs between such a build and its use, so
+    the record could only be compared with itself, and it costs a read of every parameter
+    and batch array (0.2 ms on a 670k-parameter MLP, 7% of its gradient on two cores)."""
+    token = _USED_AT_ONCE.set(True)
+    try:
+        yield
+    finally:
+        _USED_AT_ONCE.reset(token)
 
 
 def _backend_of(x: Any) -> Any:
@@ -139,7 +157,7 @@ class StateWatch:
         self.shareable = True
         self._memo: dict[Any, Any] = {}  # fingerprints by memory, while recording
         self._functions: list[tuple[Any, str]] = []  # what add_function scanned
-        self._skip_next = False  # see just_recorded
+        self._skip_next = self._at_once = _USED_AT_ONCE.get()  # see used_at_once
 
     # --- recording ------------------------------------------------------------------------
     def add_array(self, label: str, x: Any) -> None:
@@ -149,6 +167,8 @@ class StateWatch:
             return
         if bk.is_tracer(x):  # an abstract value has no contents to fingerprint
             self.shareable = False
+            return
+        if self._at_once:
             return
         fingerprint = _fingerprint_of(x, self._memo, bk)
         if fingerprint is not None:
@@ -178,12 +198,6 @@ class StateWatch:
         (self._bindings if refresh else self._held).append(_Binding(label, read, value, self._memo))
 
     # --- checking -------------------------------------------------------------------------
-    def just_recorded(self) -> None:
-        """Let the next :meth:`check` pass without reading anything: for a caller that
-        recorded the state and uses the operator at once, with no user code run in between
-        (:func:`hessop.model_hvp`), where checking would only read every array again."""
-        self._skip_next = True
-
     def check(self) -> None:
         """Raise :class:`~hessop.StaleOperatorError` if anything recorded changed."""
         if self._skip_next:

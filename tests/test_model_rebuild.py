@@ -143,17 +143,44 @@ def test_an_in_place_change_after_a_build_is_still_seen_by_the_first_product() -
         H @ torch.ones(H.shape[0], dtype=torch.float64)
 
 
-def test_just_recorded_skips_exactly_one_check() -> None:
+def test_a_watch_used_at_once_records_no_contents() -> None:
     import numpy as np
 
+    from hessop._state import used_at_once
+
     X = np.ones(3)
-    watch = StateWatch()
-    watch.add_array("X", X)
+    with used_at_once():
+        once = StateWatch()
+    once.add_array("X", X)
     X[0] = 2.0
-    watch.just_recorded()
-    watch.check()  # skipped: the caller vouches that nothing ran since recording
+    once.check()  # nothing recorded: the caller uses its operator before any user code runs
+    watch = StateWatch()  # outside the block: recorded and checked as always
+    watch.add_array("X", X)
+    X[0] = 3.0
     with pytest.raises(hessop.StaleOperatorError, match="X was changed in place"):
         watch.check()
+
+
+def test_model_hvp_reads_no_array_twice(monkeypatch) -> None:
+    """model_hvp's operator is built and used at once: no fingerprint of the parameters or
+    the batch (a read of every array), and the product still matches a dense Hessian."""
+    from hessop.backends import torch as torch_backend
+
+    x, y = _data()
+    model = _model()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    expected = _reference(model, x, y) @ v
+    calls = []
+    real = torch_backend.bit_sum
+    monkeypatch.setattr(torch_backend, "bit_sum", lambda t: calls.append(t) or real(t))
+    hessop.model_hessian(model, loss_fn, (x, y))
+    assert len(calls) >= len(params) + 2  # a kept operator records every array
+    calls.clear()
+    out = hessop.model_hvp(model, loss_fn, x, y, v)
+    assert calls == []
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_later_builds_of_an_unchanged_model_skip_the_first_evaluation_checks(monkeypatch) -> None:

@@ -25,7 +25,7 @@ from .._hessian import (
 from .._loss import Loss
 from .._operator import native_dtype
 from .._sharing import ShareKey
-from .._state import StateWatch
+from .._state import StateWatch, used_at_once
 from .._streamed import REDUCTIONS, Batches
 from ..backends import Backend, framework_of_object, get_backend, resolve_backend
 from ._data import ModelBatches, as_pair, converter, is_single_batch, sample_count
@@ -384,10 +384,8 @@ def model_hvp(
     (['bias', 'weight'], True)
     """
     kw.setdefault("cache", False)  # one product: do not keep the graph alive
-    H = model_hessian(model, loss_fn, (x, y), params=params, backend=backend, mode=mode, **kw)
-    # Built just now and used once below: checking the state before that one product would
-    # only fingerprint every parameter and batch array a second time.
-    H.watch.just_recorded()
+    with used_at_once():  # H never leaves this call: nothing can change before its product
+        H = model_hessian(model, loss_fn, (x, y), params=params, backend=backend, mode=mode, **kw)
     spec = H.spec
     if _pytree.is_array(v) and (spec.root is not None or len(v.shape) == 1):
         if tuple(v.shape) != (H.shape[0],):
