@@ -263,14 +263,12 @@ class LinearOperator:
     def to_scipy(self) -> Any:
         """Wrap as a :class:`scipy.sparse.linalg.LinearOperator` (numpy in, numpy out).
 
-        While a torch or JAX product runs, numpy's and scipy's own BLAS libraries are held
-        to one thread (with threadpoolctl, when installed), and the limit is lifted after
-        each product, so scipy's own BLAS calls between products keep their threads. That
-        is not enough on a CPU: after scipy's multi-threaded BLAS calls (ARPACK's
-        Gram-Schmidt), OpenBLAS's worker threads keep polling for work for up to ~0.1 s
-        and take cores from the framework's product (measured on two cores, torch at its
-        default two threads: a product 58 ms inside ``scipy.sparse.linalg.eigsh`` against
-        9.4 ms outside it). Hold scipy's BLAS to one thread for the whole call instead:
+        While a torch or JAX product runs, numpy's and scipy's BLAS are held to one thread
+        (threadpoolctl); scipy's own BLAS calls between products keep their threads. On a
+        CPU that is not enough: after those calls (ARPACK's Gram-Schmidt) OpenBLAS's
+        workers poll for work for up to ~0.1 s and take cores from the product (two
+        cores, torch's two threads: 58 ms a product inside ``scipy.sparse.linalg.eigsh``,
+        9.4 ms outside). Hold scipy's BLAS to one thread for the whole call instead:
         ``with threadpoolctl.threadpool_limits(1, user_api="blas"): spla.eigsh(L, ...)``
         took 0.85 s where the plain call took 4.65 s (:func:`hessop.eigsh`: 0.69 s).
 
