@@ -145,7 +145,7 @@ def cg(
     damping = _checks.real(damping, "damping")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {callback!r}")
-    bnorm = to_host(A, xp.sqrt(xp.sum(B * B, axis=0)))
+    bnorm = to_host(A, xp.linalg.vector_norm(B, axis=0))
     if not np.all(np.isfinite(bnorm)):
         check_finite_input(A, B, "cg", "the right-hand side b")  # names an overflow too
     solver = _Solver(A, k, damping, _preconditioner(A, M), no_x0=x0 is None)
@@ -158,7 +158,7 @@ def cg(
             raise ValueError(f"x0 has shape {tuple(X.shape)} but b has {tuple(B.shape)}")
         check_finite_input(A, X, "cg", "x0")
         R = B - solver.apply_A(X, list(range(k)))
-    rnorm = to_host(A, xp.sqrt(xp.sum(R * R, axis=0)))
+    rnorm = to_host(A, xp.linalg.vector_norm(R, axis=0))
     check_finite_values(rnorm, "cg", "with x0")
     X, state = solver.run(
         X, R, rnorm, np.maximum(tol * bnorm, atol), maxiter, callback, vector, progress
@@ -245,7 +245,7 @@ class _Solver:
         st = _State(rnorm, converged, np.zeros(k, bool), np.zeros(k, np.int64), np.zeros(k, bool))
         active = ~converged
         Z = self.apply_M(R)
-        P, rz = Z, xp.sum(R * Z, axis=0)
+        P, rz = Z, xp.vecdot(R, Z, axis=0)
         self._check_M(rz, active)
         update, direction = A.kernel(_update), A.kernel(_direction)
         bar = progress_bar(progress, maxiter, "cg")
@@ -293,16 +293,16 @@ class _Solver:
 def _update(xp: Any, X: Any, R: Any, P: Any, AP: Any, rz: Any, act: Any) -> Any:
     """One CG step on the active columns with positive curvature; the rest stay put.
     Returns the new X and R, and ``p^T A p`` and ``||r||`` stacked for one host read."""
-    pAp = xp.sum(P * AP, axis=0)
+    pAp = xp.vecdot(P, AP, axis=0)
     ok = act & (pAp > 0)
     alpha = xp.where(ok, rz / xp.where(ok, pAp, xp.ones_like(pAp)), xp.zeros_like(pAp))
     X = X + alpha[None, :] * P
     R = R - alpha[None, :] * AP
-    return X, R, xp.stack([pAp, xp.sqrt(xp.sum(R * R, axis=0))])
+    return X, R, xp.stack([pAp, xp.linalg.vector_norm(R, axis=0)])
 
 
 def _direction(xp: Any, R: Any, Z: Any, P: Any, rz: Any, act: Any) -> Any:
-    rz_new = xp.sum(R * Z, axis=0)
+    rz_new = xp.vecdot(R, Z, axis=0)
     beta = xp.where(act, rz_new / xp.where(act, rz, xp.ones_like(rz)), xp.zeros_like(rz))
     return Z + beta[None, :] * P, xp.where(act, rz_new, rz)
 
