@@ -187,14 +187,14 @@ class LinearOperator:
         """
         return self._bk.eps(self.dtype)
 
-    def kernel(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def kernel(self, fn: Callable[..., Any], donate: tuple[int, ...] = ()) -> Callable[..., Any]:
         """``fn(xp, *arrays)`` bound to this operator's array namespace, compiled once by
-        the framework where that pays (``jax.jit`` in JAX; eager elsewhere).
-
-        The loop bodies of iterative algorithms are written once against the array API as
-        such kernels. A kernel must see arrays of fixed shapes only.
+        the framework where that pays (``jax.jit`` in JAX; eager elsewhere): the loop
+        bodies of iterative algorithms, written once against the array API. A kernel must
+        see arrays of fixed shapes only. ``donate``: positions of arrays the caller hands
+        over (a compiled kernel may write its results into their memory).
         """
-        return self._bk.jit(fn, self.device)
+        return self._bk.jit(fn, self.device, donate)
 
     # --- algebra --------------------------------------------------------------------------
     @property

@@ -171,3 +171,19 @@ def test_immutable_basis_gives_the_same_tridiagonal(monkeypatch):
     np.testing.assert_allclose(res.alpha, ref.alpha, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(res.beta, ref.beta, rtol=1e-12)
     np.testing.assert_allclose(res.basis.T @ res.basis, np.eye(30), atol=1e-13)
+
+
+def test_jax_basis_writes_each_row_into_the_blocks_memory():
+    """JAX arrays are immutable: the basis hands its block to the write kernel (donated),
+    which writes the new row in place instead of copying the block; the numbers are the
+    same as a copy's."""
+    jnp = pytest.importorskip("jax.numpy")
+    A = hessop.aslinearoperator(jnp.asarray(A_MAT))
+    basis = _basis.Basis(A, 1, 12)
+    rows = np.random.default_rng(0).standard_normal((3, A_MAT.shape[0]))
+    for i, r in enumerate(rows):
+        old = basis.blocks[0]
+        basis.append(A.asarray(r[None, :]), np.array([2.0]))
+        assert old.is_deleted()  # its memory now holds the new block
+        np.testing.assert_allclose(np.asarray(basis.row(i))[0], r / 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(basis.blocks[0])[0, 3:], 0.0)  # unfilled rows

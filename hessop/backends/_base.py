@@ -119,11 +119,15 @@ class Backend:
     def stop_gradient(self, x: Any) -> Any:
         return x
 
-    def jit(self, fn: Callable[..., Any], device: Any) -> Callable[..., Any]:
+    def jit(
+        self, fn: Callable[..., Any], device: Any, donate: tuple[int, ...] = ()
+    ) -> Callable[..., Any]:
         """``fn(xp, *arrays)`` bound to this namespace, compiled where that pays.
 
         The default runs eagerly; a framework with a tracing compiler (JAX) compiles it
-        once per ``fn`` and shapes.
+        once per ``fn`` and shapes. ``donate``: positions (among the arrays) of arguments
+        the caller never uses again, whose memory a compiled kernel may reuse for its
+        results (an immutable array then updated in place); eager kernels ignore it.
         """
         return functools.partial(fn, self.xp)
 

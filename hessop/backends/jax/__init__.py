@@ -137,10 +137,12 @@ class JaxBackend(Backend):
         # from numpy, already a copy (asarray): no per-leaf dispatch or copy per operator.
         return jax.lax.stop_gradient(x) if isinstance(x, jax.core.Tracer) else x
 
-    def jit(self, fn: Any, device: Any) -> Any:
-        jitted = _JITTED_KERNELS.get(fn)
+    def jit(self, fn: Any, device: Any, donate: tuple[int, ...] = ()) -> Any:
+        jitted = _JITTED_KERNELS.get((fn, donate))
         if jitted is None:
-            jitted = _JITTED_KERNELS[fn] = jax.jit(fn, static_argnums=0)
+            donated = tuple(i + 1 for i in donate)  # argument 0 is the namespace
+            jitted = jax.jit(fn, static_argnums=0, donate_argnums=donated)
+            _JITTED_KERNELS[(fn, donate)] = jitted
 
         def call(*args: Any) -> Any:
             # Commit every array to the operator's device: a mix of committed and
