@@ -141,3 +141,22 @@ def test_an_uneven_last_batch_compiles_once_more():
     fns = H._kernel.fns
     sizes = {name: getattr(fns, name)._cache_size() for name in ("hvp", "first", "apply")}
     assert max(sizes.values()) <= 2 and sizes["hvp"] == 2, sizes
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "float64"])
+def test_column_major_numpy_blocks_convert_exactly_and_are_copies(dtype):
+    """A column-major block (the estimators' probes) takes the transposed route: copied as
+    is and converted and transposed back on the device. Same numbers and dtype as the
+    row-major route, and no view of the caller's memory."""
+    from hessop.backends import get_backend
+
+    bk = get_backend("jax")
+    rng = np.random.default_rng(0)
+    for block in (rng.integers(-1, 2, (7, 3)).astype(np.int8), rng.standard_normal((7, 3))):
+        fortran = np.asfortranarray(block)
+        got = bk.asarray(fortran, dtype=dtype)
+        want = bk.asarray(np.ascontiguousarray(block), dtype=dtype)
+        assert got.dtype == want.dtype and got.shape == (7, 3)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        fortran[0, 0] = 5
+        assert np.asarray(got)[0, 0] == np.asarray(want)[0, 0]
