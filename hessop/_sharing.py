@@ -37,14 +37,17 @@ class SharedFunctions:
     """A small least-recently-used map ``key -> built object``, safe to use from threads.
 
     ``get(key, build)`` returns the entry for ``key``, building it with ``build()`` on a
-    miss. An unhashable key (a callable that defines ``__eq__`` but no ``__hash__``) is
-    never shared: ``build()`` runs for that caller alone.
+    miss. ``None`` (an operator that shares nothing) and an unhashable key (a callable
+    that defines ``__eq__`` but no ``__hash__``) are never shared: ``build()`` runs for that
+    caller alone.
 
     Examples
     --------
     >>> shared = SharedFunctions(maxsize=2)
     >>> shared.get("a", lambda: [1]) is shared.get("a", lambda: [2])
     True
+    >>> shared.get(None, lambda: [1]) is shared.get(None, lambda: [1])
+    False
     """
 
     def __init__(self, maxsize: int = 16) -> None:
@@ -52,7 +55,9 @@ class SharedFunctions:
         self._entries: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+    def get(self, key: Hashable | None, build: Callable[[], Any]) -> Any:
+        if key is None:
+            return build()
         try:
             hash(key)
         except TypeError:

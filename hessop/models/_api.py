@@ -394,7 +394,7 @@ def model_hvp(
                 f"a params-shaped pytree ({spec.describe()})"
             )
         return H.matvec(v)  # checks the length, the framework, dtype and device
-    point = _pytree.unflatten(spec, list(H._leaves))  # H.params would check the state again
+    point = _pytree.unflatten(spec, list(H._leaves))  # (H.params would spend the skipped check)
     if isinstance(v, (list, tuple)) and isinstance(point, dict) and spec.root is not None:
         if len(v) != spec.num_leaves:
             raise ShapeError(

@@ -44,11 +44,8 @@ class FisherKernel(CurvatureKernel):
         self.hessian = backend.hessian_kernel(loss, backend.auto_mode, options)
         self.randomness = "error" if getattr(model, "seed", None) is None else "different"
         self.mean = True  # set by model_fisher from the reduction
-        if options.share_key is None:
-            self._grads = self.transforms.jit(self._per_sample)
-        else:  # an operator per batch: compiled once (its function is the same)
-            key = options.share_key
-            self._grads = _SHARED.get(key, lambda: self.transforms.jit(self._per_sample))
+        # an operator per batch compiles once (its function is the same)
+        self._grads = _SHARED.get(options.share_key, lambda: self.transforms.jit(self._per_sample))
 
     def _per_sample(self, point: tuple[Any, ...], args: tuple[Any, ...]) -> Any:
         tr, xp, spec, model = self.transforms, self.backend.xp, self.spec, self.model

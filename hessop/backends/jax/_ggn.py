@@ -9,8 +9,12 @@ from typing import Any
 import jax
 
 from ... import _pytree
+from ..._sharing import SharedFunctions
 from .._base import CurvatureKernel, KernelOptions
-from ._kernel import _SHARED, JaxHessianKernel, ravel_in_jit
+from ._kernel import JaxHessianKernel, ravel_in_jit
+
+#: the GGN products, shared by the operators of the same model functions and state
+_SHARED = SharedFunctions(maxsize=16)
 
 
 class JaxGGNKernel(CurvatureKernel):
@@ -20,11 +24,8 @@ class JaxGGNKernel(CurvatureKernel):
         spec = loss.spec
         self.hessian = JaxHessianKernel(loss, "forward-over-reverse", options)
 
-        if options.share_key is None:
-            self._mv, self._mm = _functions(model, spec)
-        else:  # an operator per batch: compiled once (its function is the same)
-            key = ("ggn", options.share_key)
-            self._mv, self._mm = _SHARED.get(key, lambda: _functions(model, spec))
+        # an operator per batch compiles once (its function is the same)
+        self._mv, self._mm = _SHARED.get(options.share_key, lambda: _functions(model, spec))
 
     def product(self, point: tuple[Any, ...], args: tuple[Any, ...], V: Any) -> Any:
         return self._mv(point, V, args) if V.ndim == 1 else self._mm(point, V, args)

@@ -49,16 +49,13 @@ class JaxHessianKernel(CurvatureKernel):
         self.chunk_size = options.chunk_size
         self.linearizable = mode in _LINEARIZABLE
         self.block_products = mode in _AD_MODES
-        if options.share_key is None:
-            self.fns = _functions(loss, mode)
-        else:
-            self.fns = _SHARED.get(("hessian", options.share_key), lambda: _functions(loss, mode))
+        self.fns = _SHARED.get(options.share_key, lambda: _functions(loss, mode))
         # On a CPU a loop of compiled matvecs beats one vmapped call: XLA:CPU runs the
         # batched contractions slower than k plain ones (benchmarks/). Accelerators batch.
         self.loop_columns = on_cpu(options.device)
 
     def share_as(self, key: Any) -> None:
-        _SHARED.alias(("hessian", key), self.fns)
+        _SHARED.alias(key, self.fns)
 
     def product(self, point: tuple[Any, ...], args: tuple[Any, ...], V: Any) -> Any:
         with _translated():

@@ -75,10 +75,7 @@ class CompiledKernel(CurvatureKernel):
     def __init__(self, loss: Loss, mode: str, options: KernelOptions) -> None:
         self.loss, self.mode = loss, mode
         self.eager = TorchHessianKernel(loss, mode, options)
-        if options.share_key is None:
-            self.compiled = _build(loss, mode)
-        else:
-            self.compiled = _SHARED.get(options.share_key, lambda: _build(loss, mode))
+        self.compiled = _SHARED.get(options.share_key, lambda: _build(loss, mode))
 
     def share_as(self, key: Any) -> None:
         _SHARED.alias(key, self.compiled)
